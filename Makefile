@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both install what they need: cachenode in .venv, the real services of the test bed in
+# $CACHENODE_TESTBED (default ~/.cache/cachenode-testbed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint testbed bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+testbed:
+	tests/testbed/install.sh
+
+demo: $(VENV)/.installed testbed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" tests/testbed/demo.sh
+
+test: $(VENV)/.installed testbed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check cachenode tests
+	$(VENV)/bin/ruff format --check cachenode tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

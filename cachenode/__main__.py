@@ -1,0 +1,3 @@
+from cachenode.cli import main
+
+raise SystemExit(main())

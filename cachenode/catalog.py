@@ -1,0 +1,93 @@
+"""The catalog: what L1 holds, one small record per image, kept in diskcache (SQLite).
+
+Only metadata lives here; the bytes are files of ``cachenode.blobs``. This is the only module that
+imports diskcache. Its calls block on SQLite, so async code reaches it through ``cachenode.local``,
+which runs them in an executor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from cachenode.errors import StoreError
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One verified image in L1."""
+
+    image_id: str
+    size: int
+    hash_algo: str
+    hash_value: str
+    checksum: str | None
+    tier: str
+    created: float
+    last_access: float
+    hits: int = 0
+    tags: tuple[str, ...] = ()
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tags"] = list(self.tags)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        return cls(**{**d, "tags": tuple(d.get("tags", ()))})
+
+
+class Catalog:
+    """A diskcache-backed map of image id to Entry. Thread-safe; every call may block."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            # cachenode evicts by its own policies; diskcache must never drop a record by itself.
+            self._db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
+        except (OSError, diskcache.Timeout) as exc:
+            raise StoreError(f"cannot open the catalog in {directory}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, image_id: str) -> Entry | None:
+        raw = self._call(self._db.get, ("entry", image_id))
+        return Entry.from_dict(raw) if raw else None
+
+    def put(self, entry: Entry) -> None:
+        self._call(self._db.set, ("entry", entry.image_id), entry.to_dict())
+
+    def delete(self, image_id: str) -> bool:
+        return bool(self._call(self._db.delete, ("entry", image_id)))
+
+    def touch(self, image_id: str, now: float | None = None) -> Entry | None:
+        """Record one more hit; the read-modify-write runs in one SQLite transaction."""
+        with self._db.transact():
+            entry = self.get(image_id)
+            if entry is None:
+                return None
+            entry = replace(entry, last_access=now or time.time(), hits=entry.hits + 1)
+            self.put(entry)
+        return entry
+
+    def entries(self) -> Iterator[Entry]:
+        for key in list(self._db.iterkeys()):
+            if isinstance(key, tuple) and key[0] == "entry":
+                entry = self.get(key[1])
+                if entry is not None:
+                    yield entry
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args, retry=True)
+        except (OSError, diskcache.Timeout) as exc:
+            raise StoreError(f"catalog: {exc}") from exc

@@ -1,0 +1,177 @@
+"""The configuration file (SPEC §4): one YAML document read into frozen records.
+
+Every problem stops the start with one line naming the key (``tiers[1].url: not an http(s) URL``);
+``cachenode check-config`` runs the same checks. Secrets (token files) are read once here and kept in
+``Secret`` wrappers whose repr never shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cachenode import validate as v
+from cachenode.errors import ConfigError
+from cachenode.policy import Policy, load_policy
+from cachenode.units import parse_duration, parse_size
+
+DEFAULT_PATH = "/etc/cachenode/cachenode.yaml"
+TIER_KINDS = ("glance", "http")
+_TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class Secret:
+    """A credential read from a file; ``str()`` gives it, ``repr()`` never does."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str
+    kind: str
+    url: str
+    parallel: int = 1
+    chunk_size: int = 64 * 2**20
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    failures_before_cooldown: int = 3
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    glance_url: str
+    cache_dir: Path
+    policy: Policy
+    tiers: tuple[TierConfig, ...]
+    listen: tuple[str, int] = ("127.0.0.1", 9393)
+    glance_timeout: float = 30.0
+    authz_ttl: float = 60.0
+    authz_stale_if_error: float = 0.0
+    admin_listen: tuple[str, int] = ("127.0.0.1", 9394)
+    admin_token: Secret | None = None
+    service_token: Secret | None = None
+    log_level: str = "info"
+
+
+def _secret_file(value: object) -> Secret:
+    path = v.readable_file(value)
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return Secret(token)
+
+
+def _tier(path: str, data: object) -> TierConfig:
+    s = v.Section(data, path)
+    name = s.take("name", v.string)
+    if not _TIER_NAME.match(name) or name == "l1":
+        raise ConfigError(s.key("name"), "use 1-32 lowercase letters, digits, '-' or '_' (not 'l1')")
+    kind = s.take("kind", v.choice(*TIER_KINDS))
+    tier = TierConfig(
+        name=name,
+        kind=kind,
+        url=s.take("url", v.http_url),
+        parallel=s.take("parallel", v.integer(1, 64), 1),
+        chunk_size=s.take("chunk_size", lambda x: parse_size(x).bytes, 64 * 2**20),
+        connect_timeout=s.take("connect_timeout", parse_duration, 5.0),
+        read_timeout=s.take("read_timeout", parse_duration, 30.0),
+        failures_before_cooldown=s.take("failures_before_cooldown", v.integer(1), 3),
+        cooldown=s.take("cooldown", parse_duration, 30.0),
+    )
+    if tier.chunk_size < 2**20:
+        raise ConfigError(s.key("chunk_size"), "must be at least 1MiB")
+    s.finish()
+    return tier
+
+
+def parse_config(data: object) -> Config:
+    doc = v.Section(data, "")
+    listen = doc.take("listen", v.listen_address, ("127.0.0.1", 9393))
+    log_level = doc.take("log_level", v.choice("debug", "info", "warning", "error"), "info")
+
+    glance = doc.section("glance")
+    glance_url = glance.take("url", v.http_url)
+    glance_timeout = glance.take("timeout", parse_duration, 30.0)
+    glance.finish()
+
+    authz = doc.section("authz")
+    ttl = authz.take("ttl", parse_duration, 60.0)
+    stale = authz.take("stale_if_error", parse_duration, 0.0)
+    authz.finish()
+
+    cache = doc.section("cache")
+    cache_dir = cache.take("dir", lambda x: Path(v.string(x)), Path("/var/lib/cachenode"))
+    if not cache_dir.is_absolute():
+        raise ConfigError(cache.key("dir"), "must be an absolute path")
+    policy = cache.take("policy", lambda x: load_policy(v.string(x)), None)
+    if policy is None:
+        policy = load_policy("default")
+    cache.finish()
+
+    tiers = tuple(_tier(path, item) for path, item in doc.items("tiers"))
+    names = [t.name for t in tiers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"tiers[{i}].name", f"{name!r} is used by an earlier tier")
+    if not tiers and not doc.has("tiers"):
+        # Without a tiers list, Glance itself is the one tier: the smallest useful config.
+        tiers = (TierConfig(name="glance", kind="glance", url=glance_url),)
+
+    admin = doc.section("admin")
+    admin_listen = admin.take("listen", v.listen_address, ("127.0.0.1", 9394))
+    admin_token = admin.take("token_file", _secret_file, None)
+    admin.finish()
+    if admin_listen == listen:
+        raise ConfigError("admin.listen", "must differ from listen (the admin plane never shares the data port)")
+
+    service = doc.section("service_auth")
+    service_token = service.take("token_file", _secret_file, None)
+    service.finish()
+    doc.finish()
+
+    return Config(
+        listen=listen, glance_url=glance_url, glance_timeout=glance_timeout, authz_ttl=ttl,
+        authz_stale_if_error=stale, cache_dir=cache_dir, policy=policy, tiers=tiers,
+        admin_listen=admin_listen, admin_token=admin_token, service_token=service_token,
+        log_level=log_level,
+    )  # fmt: skip
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check the config file at ``path``; raise ConfigError naming the bad key."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError("", f"{path}: not valid YAML{line}") from None
+    return parse_config(data)
+
+
+def default_config_path() -> str:
+    return os.environ.get("CACHENODE_CONFIG", DEFAULT_PATH)

@@ -1,0 +1,302 @@
+"""The fill: one upstream fetch per image per host, written once, verified, then committed.
+
+A ``Fill`` downloads an image from the tiers in order into its partial file, at the offsets the bytes
+belong to, hashing them as they land. Any number of callers read the partial file as it grows (see
+``cachenode.server``); none receives the image's last byte before the whole image verified, so a
+caller can never finish a clean body of bad bytes. When a tier fails mid-body the fill resumes at
+the offset reached on the next tier (``Range``). At the end the size and hash are checked against
+Glance's record and the file is renamed into L1, or discarded and the tiers that sent it are
+skipped for that image for a while.
+
+::
+
+    RUNNING --all bytes, hash ok--> COMMITTED
+       |--tiers exhausted / disk error / bad hash--> FAILED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import IO, Any
+
+from cachenode.catalog import Entry
+from cachenode.errors import (
+    CachenodeError,
+    FillFailed,
+    IntegrityError,
+    StoreError,
+    TierError,
+    TierShortRead,
+)
+from cachenode.glance import Credentials, ImageInfo
+from cachenode.local import Local, Partial
+from cachenode.metrics import Metrics
+from cachenode.tiers import Tier, TierSet
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class Fill:
+    """One image being filled; readers follow ``landed`` through ``wait``."""
+
+    def __init__(self, image: ImageInfo, size: int, verifier: tuple[str, str]) -> None:
+        self.image = image
+        self.size = size
+        self.verifier = verifier
+        self.landed = 0
+        self.state = State.RUNNING
+        self.error: CachenodeError | None = None
+        self.tier: str | None = None  # the tier that sent the first bytes
+        self.contributors: list[str] = []
+        self.readers = 0
+        self._read_fd: int | None = None
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state is not State.RUNNING
+
+    def readable(self) -> int:
+        """Bytes a reader may send: all that landed, except the last byte until verified."""
+        if self.state is State.COMMITTED:
+            return self.size
+        return min(self.landed, self.size - 1)
+
+    async def wait(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds or the fill is over."""
+        while not predicate() and not self.done:
+            event = self._changed
+            await event.wait()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    @contextlib.asynccontextmanager
+    async def reader(self) -> AsyncIterator[Callable[[], IO[bytes] | None]]:
+        """Register a reader; yields a function that opens its own handle on the fill's file.
+
+        The fill keeps its file open while any reader is registered, so a reader that opens late
+        (after commit, even after an eviction) still reads the same bytes.
+        """
+        self.readers += 1
+        opened: list[IO[bytes]] = []
+
+        def open_handle() -> IO[bytes] | None:
+            if self._read_fd is None:
+                return None
+            fobj = os.fdopen(os.dup(self._read_fd), "rb")
+            opened.append(fobj)
+            return fobj
+
+        try:
+            yield open_handle
+        finally:
+            for fobj in opened:
+                fobj.close()
+            self.readers -= 1
+            self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self.done and self.readers == 0 and self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+
+
+class Fills:
+    """The fills running on this host: at most one per image."""
+
+    def __init__(
+        self,
+        local: Local,
+        tiers: TierSet,
+        metrics: Metrics,
+        quarantine: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.local = local
+        self.tiers = tiers
+        self.metrics = metrics
+        self.quarantine = quarantine
+        self.clock = clock
+        self._running: dict[str, Fill] = {}
+        self._bad_tiers: dict[str, tuple[frozenset[str], float]] = {}
+
+    def get(self, image_id: str) -> Fill | None:
+        return self._running.get(image_id)
+
+    def excluded(self, image_id: str) -> frozenset[str]:
+        """Tiers that sent bad bytes for this image recently: not asked for it again yet."""
+        bad = self._bad_tiers.get(image_id)
+        if bad is None:
+            return frozenset()
+        if bad[1] < self.clock():
+            del self._bad_tiers[image_id]
+            return frozenset()
+        return bad[0]
+
+    def candidates(self, image_id: str) -> list[Tier]:
+        return self.tiers.candidates(self.excluded(image_id))
+
+    def start(
+        self, image: ImageInfo, size: int, verifier: tuple[str, str], creds: Credentials | None
+    ) -> Fill:
+        """The running fill of this image, or a new one. Never awaits: no two can start."""
+        fill = self._running.get(image.id)
+        if fill is not None:
+            return fill
+        fill = Fill(image, size, verifier)
+        self._running[image.id] = fill
+        fill.task = asyncio.create_task(self._run(fill, creds), name=f"fill-{image.id}")
+        return fill
+
+    async def _run(self, fill: Fill, creds: Credentials | None) -> None:
+        started = time.monotonic()
+        self.metrics.inflight_fills.inc()
+        part: Partial | None = None
+        outcome = "error"
+        try:
+            part = await self.local.create_partial(fill.image.id, fill.size)
+            fill._read_fd = await asyncio.get_running_loop().run_in_executor(
+                None, os.open, part.path, os.O_RDONLY | os.O_CLOEXEC
+            )
+            hasher = await self._download(fill, part, creds)
+            self._verify(fill, hasher)
+            await self.local.commit(part, self._entry(fill))
+            part = None
+            fill.state = State.COMMITTED
+            outcome = "ok"
+            self.metrics.fill_duration.observe(time.monotonic() - started)
+            log.info("filled %s: %d bytes from %s in %.2fs", fill.image.id, fill.size,
+                     ",".join(fill.contributors), time.monotonic() - started)  # fmt: skip
+        except IntegrityError as exc:
+            outcome = "integrity"
+            self._fail(fill, exc)
+            for tier in exc.tiers:
+                self.metrics.integrity_failures.labels(tier).inc()
+            self._bad_tiers[fill.image.id] = (
+                self.excluded(fill.image.id) | frozenset(exc.tiers),
+                self.clock() + self.quarantine,
+            )
+            log.error("%s; not committed, tiers %s skipped for it", exc, ",".join(exc.tiers))
+        except StoreError as exc:
+            outcome = "no_room" if fill.landed == 0 else "error"
+            self._fail(fill, exc)
+            log.warning("fill of %s stopped by the local disk: %s", fill.image.id, exc)
+        except FillFailed as exc:
+            self._fail(fill, exc)
+            log.warning("fill of %s failed: %s", fill.image.id, exc)
+        except asyncio.CancelledError:
+            self._fail(fill, FillFailed("shutting down"))
+            if part is not None:
+                # No awaiting once cancelled: discard synchronously (start-up would clean it too).
+                if part.fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(part.fd)
+                part.path.unlink(missing_ok=True)
+                part = None
+            raise
+        finally:
+            if part is not None:
+                await self.local.discard(part)
+            del self._running[fill.image.id]
+            self.metrics.inflight_fills.dec()
+            self.metrics.fills.labels(fill.tier or "none", outcome).inc()
+            fill._close_if_unused()
+            fill._notify()
+
+    @staticmethod
+    def _fail(fill: Fill, exc: CachenodeError) -> None:
+        fill.state = State.FAILED
+        fill.error = exc
+
+    async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> Any:
+        """Bytes from the tiers in order, resuming at the offset reached; returns the hasher."""
+        hasher = hashlib.new(fill.verifier[0])
+        loop = asyncio.get_running_loop()
+        assert part.fd is not None
+        fd = part.fd
+
+        def absorb(data: bytes, offset: int) -> None:
+            # One executor hop writes the chunk where it belongs and hashes it; the event loop
+            # meanwhile receives the next chunk.
+            self.local.blobs.write(fd, data, offset)
+            hasher.update(data)
+
+        errors: list[str] = []
+        for tier in self.candidates(fill.image.id):
+            if fill.landed == fill.size:
+                break
+            try:
+                async with tier.open(fill.image, creds, fill.landed) as body:
+                    skip = fill.landed - body.offset
+                    async for chunk in body.chunks():
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                            if not chunk:
+                                continue
+                        if fill.landed + len(chunk) > fill.size:
+                            raise IntegrityError(
+                                fill.image.id, f"{tier.name} sent more than {fill.size} bytes",
+                                tuple(dict.fromkeys([*fill.contributors, tier.name])),
+                            )  # fmt: skip
+                        if tier.name not in fill.contributors:
+                            fill.contributors.append(tier.name)
+                        fill.tier = fill.tier or tier.name
+                        await loop.run_in_executor(None, absorb, chunk, fill.landed)
+                        self.metrics.upstream_bytes.labels(tier.name).inc(len(chunk))
+                        fill.landed += len(chunk)
+                        fill._notify()
+                if fill.landed < fill.size:
+                    raise TierShortRead(tier.name, f"body ended at byte {fill.landed} of {fill.size}")
+                self.tiers.succeeded(tier)
+            except TierError as exc:
+                self.tiers.failed(tier, exc)
+                errors.append(str(exc))
+                log.warning("fill of %s: %s at byte %d; trying the next tier",
+                            fill.image.id, exc, fill.landed)  # fmt: skip
+        if fill.landed < fill.size:
+            raise FillFailed(f"no tier delivered {fill.image.id}: " + "; ".join(errors or ["no tiers"]))
+        return hasher
+
+    @staticmethod
+    def _verify(fill: Fill, hasher: Any) -> None:
+        algo, expected = fill.verifier
+        digest = hasher.hexdigest()
+        if digest != expected:
+            raise IntegrityError(
+                fill.image.id, f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}...",
+                tuple(fill.contributors),
+            )  # fmt: skip
+
+    @staticmethod
+    def _entry(fill: Fill) -> Entry:
+        now = time.time()
+        return Entry(
+            image_id=fill.image.id, size=fill.size, hash_algo=fill.verifier[0],
+            hash_value=fill.verifier[1], checksum=fill.image.checksum, tier=fill.tier or "",
+            created=now, last_access=now, tags=fill.image.tags,
+            properties=dict(fill.image.properties),
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        tasks = [f.task for f in self._running.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+

@@ -1,0 +1,182 @@
+"""What cachenode asks glance.url: may this caller download this image, and what is the image.
+
+Every call carries the caller's own credentials; Glance's refusals come back as GlanceRefused with
+Glance's status, headers and body, to be relayed unchanged. aiohttp's exceptions are translated here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from cachenode.errors import GlanceRefused, GlanceUnavailable
+
+CREDENTIAL_HEADERS = ("X-Auth-Token", "X-Service-Token")
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+              "Trailer", "Transfer-Encoding", "Upgrade", "Proxy-Connection")  # fmt: skip
+)
+# Glance's canonical image id; only these are cached (they also make safe file names).
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+# Glance's own image attributes; everything else in an image record is a user property.
+_CORE_FIELDS = frozenset(
+    ("id", "name", "status", "visibility", "protected", "checksum", "os_hash_algo", "os_hash_value",
+     "size", "virtual_size", "container_format", "disk_format", "owner", "min_disk", "min_ram",
+     "created_at", "updated_at", "tags", "self", "file", "schema", "locations", "direct_url",
+     "os_hidden", "stores")  # fmt: skip
+)
+
+
+def is_image_id(value: str) -> bool:
+    return bool(_UUID.match(value))
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The caller's own token headers; never logged (repr hides them), never stored."""
+
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> Credentials:
+        return cls(tuple((h, headers[h]) for h in CREDENTIAL_HEADERS if h in headers))
+
+    @classmethod
+    def token(cls, token: str) -> Credentials:
+        return cls((("X-Auth-Token", token),))
+
+    def digest(self, key: bytes) -> bytes:
+        """A keyed digest that names these credentials in memory without holding them."""
+        mac = hmac.new(key, digestmod=hashlib.sha256)
+        for name, value in self.headers:
+            mac.update(name.encode() + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0")
+        return mac.digest()
+
+    def __bool__(self) -> bool:
+        return bool(self.headers)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """The parts of Glance's image record that the cache needs."""
+
+    id: str
+    status: str
+    size: int | None
+    checksum: str | None
+    hash_algo: str | None
+    hash_value: str | None
+    tags: tuple[str, ...] = ()
+    properties: dict[str, str] = field(default_factory=dict)
+    locations: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ImageInfo:
+        urls = [loc.get("url") for loc in doc.get("locations") or () if isinstance(loc, dict)]
+        if doc.get("direct_url"):
+            urls.append(doc["direct_url"])
+        return cls(
+            id=str(doc["id"]),
+            status=str(doc.get("status")),
+            size=doc.get("size") if isinstance(doc.get("size"), int) else None,
+            checksum=doc.get("checksum") or None,
+            hash_algo=doc.get("os_hash_algo") or None,
+            hash_value=doc.get("os_hash_value") or None,
+            tags=tuple(str(t) for t in doc.get("tags") or ()),
+            properties={k: str(v) for k, v in doc.items() if k not in _CORE_FIELDS and v is not None},
+            locations=tuple(dict.fromkeys(u for u in urls if isinstance(u, str))),
+        )
+
+    def verifier(self) -> tuple[str, str] | None:
+        """(hash algorithm, expected hex digest): os_hash first, md5 checksum as a fallback."""
+        if self.hash_algo and self.hash_value and self.hash_algo in hashlib.algorithms_available:
+            return self.hash_algo, self.hash_value.lower()
+        if self.checksum:
+            return "md5", self.checksum.lower()
+        return None
+
+
+@dataclass(frozen=True)
+class Permit:
+    """Glance agreed that the caller may download the image; size when Glance told it."""
+
+    size: int | None
+    checksum: str | None
+
+
+def relay_headers(headers: CIMultiDictProxy[str] | Mapping[str, str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+            out.add(name, value)
+    return out
+
+
+class GlanceClient:
+    def __init__(self, session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+        self.session = session
+        self.url = url
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def probe(self, image_id: str, creds: Credentials) -> Permit | None:
+        """Ask Glance whether ``creds`` may download the image, without downloading it.
+
+        A one-byte ranged GET of the image file goes through the same checks as a download
+        (``download_image`` policy, deactivation, visibility) and costs Glance one byte; the
+        metadata call (GET /v2/images/ID) would let a reader-only token through. Glance refuses
+        Range on stores without random access (Swift) with 400, but only after the caller was
+        authorized, so that 400 means yes. Returns None when the image has no data (204) or is
+        empty (416): nothing to cache.
+        """
+        url = f"{self.url}/v2/images/{image_id}/file"
+        headers = {**dict(creds.headers), "Range": "bytes=0-0"}
+        try:
+            async with self.session.get(url, headers=headers, timeout=self.timeout) as resp:
+                if resp.status in (200, 206):
+                    size = None
+                    if m := _CONTENT_RANGE.match(resp.headers.get("Content-Range", "")):
+                        size = int(m.group(3))
+                    # Close instead of reading: a 200 would be the whole image.
+                    resp.close()
+                    return Permit(size=size, checksum=resp.headers.get("Content-MD5"))
+                if resp.status in (204, 416):
+                    return None
+                if resp.status == 400:
+                    return Permit(size=None, checksum=resp.headers.get("Content-MD5"))
+                body = await resp.read()
+                raise self._refusal(resp, body)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
+
+    async def image(self, image_id: str, creds: Credentials) -> ImageInfo:
+        """The image record as the caller sees it."""
+        url = f"{self.url}/v2/images/{image_id}"
+        try:
+            async with self.session.get(url, headers=dict(creds.headers), timeout=self.timeout) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise self._refusal(resp, body)
+                try:
+                    return ImageInfo.from_json(await resp.json(content_type=None))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise GlanceUnavailable(f"glance sent an unreadable image record: {exc}") from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
+
+    @staticmethod
+    def _refusal(resp: aiohttp.ClientResponse, body: bytes) -> Exception:
+        if resp.status >= 500:
+            return GlanceUnavailable(f"glance answered {resp.status}", resp.status,
+                                     relay_headers(resp.headers), body)  # fmt: skip
+        return GlanceRefused(resp.status, relay_headers(resp.headers), body)

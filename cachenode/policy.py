@@ -1,0 +1,128 @@
+"""Eviction and warm policies: data files under ``policies/``, read into frozen records.
+
+A policy is selected by ``cache.policy``: anything with a slash or a ``.yaml`` suffix is a path; a
+bare name is looked up in ``policy_dirs()``: ``$CACHENODE_POLICY_DIR``, ``/etc/cachenode/policies``
+(an operator's own), then the policies shipped with cachenode (``policies/`` of a source checkout,
+``<prefix>/share/cachenode/policies`` of an installed one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from cachenode import validate as v
+from cachenode.errors import ConfigError
+from cachenode.units import Size, parse_duration, parse_size
+
+ORDERS = ("lru", "lfu", "largest", "fifo")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Images chosen by id, by tag, or by ``key=value`` property (any one matching is enough)."""
+
+    ids: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    properties: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.tags or self.properties)
+
+    def matches(self, image_id: str, tags: tuple[str, ...], properties: Mapping[str, object]) -> bool:
+        if image_id in self.ids or any(t in tags for t in self.tags):
+            return True
+        return any(str(properties.get(k)) == val for k, val in self.properties if k in properties)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    order: str = "lru"
+    max_bytes: Size = field(default_factory=lambda: Size(fraction=0.8))
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    min_free_disk: Size = field(default_factory=lambda: Size(fraction=0.05))
+    max_idle: float | None = None
+    pin: Selector = field(default_factory=Selector)
+    warm: Selector = field(default_factory=Selector)
+    warm_interval: float = 600.0
+
+
+def _selector(section: v.Section, *, ids: bool = True) -> Selector:
+    sel = Selector(
+        ids=section.take("ids", v.string_list, ()) if ids else (),
+        tags=section.take("tags", v.string_list, ()),
+        properties=section.take("properties", v.key_values, ()),
+    )
+    return sel
+
+
+def parse_policy(data: object, name: str) -> Policy:
+    doc = v.Section(data, "")
+    max_bytes = doc.take("max_bytes", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.8))
+    high = doc.take("high_watermark", v.fraction, 0.95)
+    low = doc.take("low_watermark", v.fraction, 0.85)
+    if low > high:
+        raise ConfigError("low_watermark", "must not be above high_watermark")
+    min_free = doc.take("min_free_disk", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.05))
+    max_idle = doc.take("max_idle", parse_duration, None)
+    order = doc.take("order", v.choice(*ORDERS), "lru")
+    pin_section = doc.section("pin")
+    pin = _selector(pin_section)
+    pin_section.finish()
+    warm_section = doc.section("warm")
+    warm = _selector(warm_section, ids=True)
+    interval = warm_section.take("interval", parse_duration, 600.0)
+    if interval <= 0:
+        raise ConfigError("warm.interval", "must be more than 0s")
+    warm_section.finish()
+    doc.finish()
+    return Policy(
+        name=name, order=order, max_bytes=max_bytes, high_watermark=high, low_watermark=low,
+        min_free_disk=min_free, max_idle=max_idle, pin=pin, warm=warm, warm_interval=interval,
+    )  # fmt: skip
+
+
+def load_policy(ref: str) -> Policy:
+    """The policy named ``ref`` (shipped) or stored at path ``ref``.
+
+    Raises ConfigError whose key is inside the policy file, prefixed by the file.
+    """
+    if "/" in ref or ref.endswith((".yaml", ".yml")):
+        path = Path(ref)
+        label = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError("", f"cannot read policy {path}: {exc.strerror}") from None
+    else:
+        found = [d / f"{ref}.yaml" for d in policy_dirs() if (d / f"{ref}.yaml").is_file()]
+        if not found:
+            names = ", ".join(sorted(known_policies())) or "none found"
+            raise ConfigError("", f"no policy named {ref!r} (known: {names})")
+        label, text = str(found[0]), found[0].read_text()
+    try:
+        data = yaml.safe_load(text)
+        return parse_policy(data, name=Path(ref).stem)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{label}: not valid YAML ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError("", f"{label}: {exc}") from None
+
+
+def policy_dirs() -> list[Path]:
+    dirs = [Path(d) for d in [os.environ.get("CACHENODE_POLICY_DIR")] if d]
+    dirs.append(Path("/etc/cachenode/policies"))
+    dirs.append(Path(__file__).resolve().parent.parent / "policies")
+    dirs.append(Path(sys.prefix) / "share" / "cachenode" / "policies")
+    return [d for d in dirs if d.is_dir()]
+
+
+def known_policies() -> set[str]:
+    return {p.stem for d in policy_dirs() for p in d.glob("*.yaml")}

@@ -1,0 +1,312 @@
+"""The data plane (SPEC §3): image downloads through the cache, everything else to Glance.
+
+A download reads top to bottom in ``DataPlane.download``: authorize with Glance, look up L1, serve a
+hit, or join or start the image's fill and stream from it as bytes land. Errors of our own become
+statuses in one place (``error_response``); once the first byte of a body is out, an error can only
+cut the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import IO
+
+from aiohttp import web
+
+from cachenode.authz import Authorizer
+from cachenode.catalog import Entry
+from cachenode.errors import (
+    CachenodeError,
+    FillFailed,
+    GlanceRefused,
+    GlanceUnavailable,
+    IntegrityError,
+    StoreError,
+    TierError,
+)
+from cachenode.fill import Fill, Fills, State
+from cachenode.glance import Credentials, GlanceClient, ImageInfo, is_image_id
+from cachenode.local import Local
+from cachenode.metrics import Metrics
+from cachenode.proxy import Proxy
+from cachenode.ranges import ByteRange, Unsatisfiable, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataPlane:
+    authz: Authorizer
+    glance: GlanceClient
+    local: Local
+    fills: Fills
+    proxy: Proxy
+    metrics: Metrics
+    service_creds: Credentials | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        # HEAD is Glance's to answer (405): only GET goes through the cache.
+        app.router.add_get("/v2/images/{image_id}/file", self.download, allow_head=False)
+        app.router.add_route("*", "/{tail:.*}", self.passthrough)
+        return app
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        return await self.proxy.forward(request)
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        image_id = request.match_info["image_id"]
+        if not is_image_id(image_id) or "Content-Range" in request.headers:
+            return await self._bypass(request, "not_cacheable")
+        if "," in request.headers.get("Range", ""):
+            return await self._bypass(request, "multi_range")  # Glance answers these (400)
+        creds = Credentials.from_headers(request.headers)
+        try:
+            decision = await self.authz.authorize(image_id, creds)
+        except GlanceRefused as exc:
+            if exc.status == 404 and image_id in self.local:
+                await self._evict_if_gone(image_id)
+            raise
+        if decision.permit is None:
+            return await self._bypass(request, "no_data")
+        # Twice at most: a fill may commit between our L1 miss and our start of another one.
+        for _ in range(2):
+            hit = await self.local.lookup(image_id)
+            if hit is not None:
+                return await self._serve_hit(request, started, *hit)
+            if decision.stale:
+                raise GlanceUnavailable("glance is unreachable and the image is not in L1")
+            fill, status = self.fills.get(image_id), "joined"
+            if fill is None:
+                image = await self.glance.image(image_id, creds)
+                if reason := self._uncacheable(image):
+                    return await self._bypass(request, reason)
+                if image_id in self.local:
+                    continue
+                fill, status = self.fills.get(image_id), "joined"
+                if fill is None:
+                    assert image.size is not None and (verifier := image.verifier())
+                    fill, status = self.fills.start(image, image.size, verifier, creds), "miss"
+            return await self._serve_fill(request, started, fill, status, creds)
+        raise AssertionError("an image committed twice in one request")
+
+    def _uncacheable(self, image: ImageInfo) -> str | None:
+        """Why this image goes to Glance instead of the cache, or None."""
+        if image.status != "active":
+            return "not_active"  # the caller gets exactly Glance's answer
+        if not image.size:
+            return "empty"
+        if image.verifier() is None:
+            return "unverifiable"  # no hash to check bytes against: never cache them
+        if not self.fills.candidates(image.id):
+            return "no_tier"
+        return None
+
+    async def _serve_hit(
+        self, request: web.Request, started: float, entry: Entry, fobj: IO[bytes]
+    ) -> web.StreamResponse:
+        try:
+            rng = self._range(request, entry.size)
+            if isinstance(rng, web.Response):
+                return rng
+            resp = self._response(entry.size, rng, entry.checksum, "HIT", "l1")
+            await resp.prepare(request)
+            self.metrics.requests.labels("hit").inc()
+            self.metrics.ttfb.labels("hit").observe(time.monotonic() - started)
+            start, end = (rng.start, rng.end) if rng else (0, entry.size)
+            try:
+                await _sendfile(request, fobj, start, end - start)
+                self.metrics.served_bytes.labels("l1").inc(end - start)
+                await resp.write_eof()
+            except ConnectionError:
+                pass  # the caller went away; nothing of ours to clean
+            return resp
+        finally:
+            fobj.close()
+
+    async def _serve_fill(
+        self, request: web.Request, started: float, fill: Fill, status: str, creds: Credentials
+    ) -> web.StreamResponse:
+        rng = self._range(request, fill.size)
+        if isinstance(rng, web.Response):
+            return rng
+        start, end = (rng.start, rng.end) if rng else (0, fill.size)
+        if status == "joined":
+            self.metrics.coalesced.inc()
+        async with fill.reader() as open_handle:
+            if rng is not None and start >= fill.landed and not fill.done:
+                resp = await self._range_from_tiers(request, started, fill, rng, creds, status)
+                if resp is not None:
+                    return resp
+            await fill.wait(lambda: fill.readable() > start)
+            if fill.state is State.FAILED:
+                return await self._after_failed_fill(request, fill)
+            resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), fill.tier)
+            await resp.prepare(request)
+            self.metrics.requests.labels(status).inc()
+            self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
+            fobj = open_handle()
+            assert fobj is not None, "a fill with readable bytes has a file"
+            sent = start
+            try:
+                while sent < end:
+                    if fill.state is State.FAILED:
+                        _cut(request)  # never let a caller finish a body the fill could not vouch for
+                        return resp
+                    limit = min(fill.readable(), end)
+                    if limit > sent:
+                        await _sendfile(request, fobj, sent, limit - sent)
+                        self.metrics.served_bytes.labels(fill.tier).inc(limit - sent)
+                        sent = limit
+                    else:
+                        await fill.wait(lambda: min(fill.readable(), end) > sent)
+                await resp.write_eof()
+            except ConnectionError:
+                pass  # the caller went away; the fill goes on for the next one
+            return resp
+
+    async def _range_from_tiers(
+        self, request: web.Request, started: float, fill: Fill, rng: ByteRange,
+        creds: Credentials, status: str,
+    ) -> web.StreamResponse | None:  # fmt: skip
+        """A range beyond the bytes landed, fetched from the first tier that honours Range."""
+        for tier in self.fills.candidates(fill.image.id):
+            try:
+                async with tier.open(fill.image, creds, rng.start, rng.end) as body:
+                    if body.offset != rng.start:
+                        continue  # the tier ignored the range: the fill will get there
+                    resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), tier.name)
+                    await resp.prepare(request)
+                    self.metrics.requests.labels(status).inc()
+                    self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
+                    sent = 0
+                    try:
+                        async for chunk in body.chunks():
+                            chunk = chunk[: rng.length - sent]
+                            await resp.write(chunk)
+                            sent += len(chunk)
+                            if sent == rng.length:
+                                break
+                    except TierError:
+                        pass
+                    except ConnectionError:
+                        return resp
+                    self.metrics.served_bytes.labels(tier.name).inc(sent)
+                    if sent < rng.length:
+                        _cut(request)
+                        return resp
+                    await resp.write_eof()
+                    return resp
+            except TierError as exc:
+                log.info("range of %s from %s: %s", fill.image.id, tier.name, exc)
+        return None
+
+    async def _after_failed_fill(self, request: web.Request, fill: Fill) -> web.StreamResponse:
+        """The fill failed before this caller got a byte: the best answer that is still safe."""
+        if isinstance(fill.error, IntegrityError):
+            # Glance (or its cache) may be what sent the bad bytes: passing through could hand
+            # the caller a clean-looking corrupt image. The next request uses the next tier.
+            raise fill.error
+        reason = "disk" if isinstance(fill.error, StoreError) else "tier_failed"
+        return await self._bypass(request, reason)
+
+    async def _bypass(self, request: web.Request, reason: str) -> web.StreamResponse:
+        self.metrics.passthrough.labels(reason).inc()
+        self.metrics.requests.labels("bypass").inc()
+        return await self.proxy.forward(request, {"X-Cachenode-Status": "BYPASS"})
+
+    async def _evict_if_gone(self, image_id: str) -> None:
+        """Glance says 404 to this caller: if the image is gone for everyone, drop it from L1.
+
+        A 404 may only mean "not yours"; the service credentials tell which. Without them the
+        entry stays (and is never served to a caller Glance refuses) until the policy evicts it.
+        """
+        if self.service_creds is None:
+            return
+        try:
+            image = await self.glance.image(image_id, self.service_creds)
+        except GlanceRefused as exc:
+            if exc.status != 404:
+                return
+        except GlanceUnavailable:
+            return
+        else:
+            if image.status in ("active", "deactivated"):
+                return
+        await self.local.evict(image_id, "deleted")
+        self.authz.forget(image_id)
+
+    def _range(self, request: web.Request, size: int) -> ByteRange | None | web.Response:
+        if "Range" not in request.headers:
+            return None
+        try:
+            return resolve(request.http_range, size)
+        except (ValueError, Unsatisfiable):
+            # Glance answers a malformed range with 416 too.
+            self.metrics.requests.labels("error").inc()
+            return _error(416, "Requested Range Not Satisfiable", "invalid or unsatisfiable Range",
+                          {"Content-Range": f"bytes */{size}"})  # fmt: skip
+
+    @staticmethod
+    def _response(
+        size: int, rng: ByteRange | None, checksum: str | None, status: str, tier: str | None
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=206 if rng else 200)
+        resp.content_type = "application/octet-stream"
+        resp.content_length = rng.length if rng else size
+        if rng is not None:
+            resp.headers["Content-Range"] = rng.content_range(size)
+        if checksum:
+            resp.headers["Content-MD5"] = checksum
+        resp.headers["Accept-Ranges"] = "bytes"
+        resp.headers["X-Cachenode-Status"] = status
+        resp.headers["X-Cachenode-Tier"] = tier or "none"
+        return resp
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CachenodeError as exc:
+            self.metrics.requests.labels("denied" if isinstance(exc, GlanceRefused) else "error").inc()
+            return error_response(exc)
+
+
+def error_response(exc: CachenodeError) -> web.Response:
+    """The one table from our exceptions to HTTP answers."""
+    if isinstance(exc, GlanceRefused):
+        return web.Response(status=exc.status, headers=exc.headers, body=exc.body)
+    if isinstance(exc, GlanceUnavailable):
+        if exc.status is not None:
+            return web.Response(status=exc.status, headers=exc.headers, body=exc.body)
+        return _error(503, "Service Unavailable", "Glance cannot be reached to authorize this download")
+    if isinstance(exc, IntegrityError):
+        return _error(502, "Bad Gateway", "the image's bytes did not match its hash; try again")
+    if isinstance(exc, FillFailed | TierError):
+        return _error(502, "Bad Gateway", "no tier could deliver the image")
+    if isinstance(exc, StoreError):
+        return _error(503, "Service Unavailable", "the local cache failed")
+    return _error(500, "Internal Server Error", "cachenode failed")
+
+
+def _error(status: int, title: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": status, "title": title, "message": message}}
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
+                        headers=headers)  # fmt: skip
+
+
+async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the caller went away")
+    await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)  # type: ignore[arg-type]
+
+
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()

@@ -1,0 +1,74 @@
+"""The sidecar process: builds every part from the config, starts both listeners, stops cleanly."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from cachenode.admin import admin_app
+from cachenode.authz import Authorizer
+from cachenode.config import Config
+from cachenode.fill import Fills
+from cachenode.glance import Credentials, GlanceClient
+from cachenode.local import Local
+from cachenode.metrics import Metrics
+from cachenode.proxy import Proxy
+from cachenode.server import DataPlane
+from cachenode.tiers import TierSet, build_tier
+
+log = logging.getLogger(__name__)
+
+
+class Sidecar:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.local = Local(config.cache_dir, self.metrics)
+        self.ready = False
+        self._runners: list[web.AppRunner] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        await self.local.start()
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        glance = GlanceClient(self._session, cfg.glance_url, cfg.glance_timeout)
+        self.tiers = TierSet([build_tier(t) for t in cfg.tiers], self.metrics)
+        self.fills = Fills(self.local, self.tiers, self.metrics)
+        self.proxy = Proxy(cfg.glance_url)
+        service = Credentials.token(cfg.service_token.reveal()) if cfg.service_token else None
+        plane = DataPlane(
+            authz=Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error),
+            glance=glance, local=self.local, fills=self.fills, proxy=self.proxy,
+            metrics=self.metrics, service_creds=service,
+        )  # fmt: skip
+        self.metrics.cache_capacity.set(self._capacity())
+        await self._listen(admin_app(self.metrics, lambda: self.ready, cfg.admin_token), cfg.admin_listen)
+        await self._listen(plane.app(), cfg.listen)
+        self.ready = True
+        log.info("cachenode serving on %s:%d (admin %s:%d), glance %s, tiers %s, policy %s",
+                 *cfg.listen, *cfg.admin_listen, cfg.glance_url,
+                 ",".join(t.name for t in cfg.tiers) or "none", cfg.policy.name)  # fmt: skip
+
+    def _capacity(self) -> int:
+        st = self.local.blobs.disk_usage()
+        return self.config.policy.max_bytes.resolve(st.f_blocks * st.f_frsize)
+
+    async def _listen(self, app: web.Application, address: tuple[str, int]) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, address[0], address[1], backlog=1024).start()
+        self._runners.append(runner)
+
+    async def stop(self) -> None:
+        self.ready = False
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        await self.fills.close()
+        await self.tiers.close()
+        await self.proxy.close()
+        if self._session is not None:
+            await self._session.close()
+        self.local.close()

@@ -1,0 +1,134 @@
+"""Tier kind ``http``: a plain HTTP origin (a mirror, a CDN, a web server over the object store).
+
+Also home of the HTTP plumbing every HTTP-speaking tier shares: status codes and aiohttp exceptions
+become TierErrors here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import aiohttp
+
+from cachenode.config import TierConfig
+from cachenode.errors import (
+    RangeNotSupported,
+    TierDenied,
+    TierNotFound,
+    TierShortRead,
+    TierUnavailable,
+)
+from cachenode.glance import Credentials, ImageInfo
+
+READ_SIZE = 1 << 20  # bytes handed to the fill at a time: big enough to amortise its executor hop
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class HttpBody:
+    def __init__(self, tier: str, resp: aiohttp.ClientResponse, offset: int) -> None:
+        self.tier = tier
+        self.resp = resp
+        self.offset = offset
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        pending: list[bytes] = []
+        size = 0
+        try:
+            async for data in self.resp.content.iter_any():
+                pending.append(data)
+                size += len(data)
+                if size >= READ_SIZE:
+                    yield b"".join(pending)
+                    pending, size = [], 0
+        except asyncio.TimeoutError:
+            raise TierUnavailable(self.tier, "read timed out", kind="timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TierShortRead(self.tier, f"body broken: {type(exc).__name__}") from None
+        if pending:
+            yield b"".join(pending)
+
+
+class HttpSource:
+    """An aiohttp session with the tier's timeouts, and the status-to-TierError table."""
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.connect_timeout,
+                sock_read=self.config.read_timeout,
+            )
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, auto_decompress=False, read_bufsize=READ_SIZE
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def get(
+        self, url: str, headers: Mapping[str, str], start: int, end: int | None
+    ) -> AsyncIterator[HttpBody]:
+        headers = dict(headers)
+        ranged = start > 0 or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            resp = await self.session.get(url, headers=headers, allow_redirects=True)
+        except asyncio.TimeoutError:
+            raise TierUnavailable(self.name, "connect timed out", kind="timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TierUnavailable(self.name, f"{type(exc).__name__}", kind="connect") from None
+        try:
+            yield HttpBody(self.name, resp, self._offset(resp, start, ranged))
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
+
+    def _offset(self, resp: aiohttp.ClientResponse, start: int, ranged: bool) -> int:
+        status = resp.status
+        if status == 200:
+            return 0
+        if status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != start:
+                raise TierUnavailable(self.name, "206 for another range", kind="bad_range")
+            return start
+        if status == 404:
+            raise TierNotFound(self.name, "404")
+        if status in (401, 403):
+            raise TierDenied(self.name, str(status))
+        if ranged and status in (400, 416, 501):
+            raise RangeNotSupported(self.name, f"{status} to a Range")
+        kind = "http_5xx" if status >= 500 else "http_other"
+        raise TierUnavailable(self.name, f"answered {status}", kind=kind)
+
+
+class HttpTier(HttpSource):
+    """``url`` with ``{image_id}`` in it, or a base to which ``/<image id>`` is appended."""
+
+    def url_for(self, image_id: str) -> str:
+        if "{image_id}" in self.config.url:
+            return self.config.url.replace("{image_id}", image_id)
+        return f"{self.config.url}/{image_id}"
+
+    def open(
+        self, image: ImageInfo, creds: Credentials | None, start: int = 0, end: int | None = None
+    ) -> AbstractAsyncContextManager[HttpBody]:
+        return self.get(self.url_for(image.id), {}, start, end)

@@ -1,0 +1,107 @@
+"""cachenode itself, run as users run it: ``python -m cachenode serve -c FILE`` in its own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sidecar:
+    def __init__(self, workdir: Path, glance_url: str, **config: Any) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port, self.admin_port = free_port(), free_port()
+        self.cache_dir = workdir / "cache"
+        doc: dict[str, Any] = {
+            "listen": f"127.0.0.1:{self.port}",
+            "glance": {"url": glance_url},
+            "authz": {"ttl": "0s"},
+            "cache": {"dir": str(self.cache_dir)},
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+        }
+        for key, value in config.items():
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key] = {**doc[key], **value}
+            else:
+                doc[key] = value
+        self.config_path = workdir / "cachenode.yaml"
+        self.config_path.write_text(yaml.safe_dump(doc))
+        self.log_path = workdir / "cachenode.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> Sidecar:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cachenode", "serve", "-c", str(self.config_path)],
+                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cachenode exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.admin_url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"cachenode did not become ready:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    # -- what it exposes
+    def get(self, image_id: str, token: str | None, **kw: Any) -> requests.Response:
+        headers = {"X-Auth-Token": token} if token else {}
+        headers.update(kw.pop("headers", {}))
+        return requests.get(f"{self.url}/v2/images/{image_id}/file", headers=headers, timeout=120, **kw)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = requests.get(self.admin_url + "/metrics", timeout=10).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def blobs(self) -> list[Path]:
+        return sorted(p for p in (self.cache_dir / "blobs").glob("*/*"))
+
+    def partials(self) -> list[Path]:
+        return sorted((self.cache_dir / "partial").glob("*"))

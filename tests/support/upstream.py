@@ -1,0 +1,195 @@
+"""An upstream of our own, for faults real services will not produce on demand.
+
+``Upstream`` is an HTTP server on 127.0.0.1 that either serves images itself (``blobs``: the ``http``
+tier kind, honouring Range) or forwards to a real glance-api (``target``: a ``glance`` tier whose
+bytes we can break). Either way it counts what it was asked and what it sent, and applies ``Fault``s
+to the bytes at absolute image offsets: flip a byte, end early, reset, stall, throttle.
+
+It runs its own event loop in a thread, so synchronous tests can use it as a plain object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@dataclass
+class Fault:
+    kind: str  # flip | truncate | reset | stall | throttle
+    at: int = 0  # image offset where it strikes
+    times: int = 1  # how many responses it strikes (then it is spent); -1: every one
+    seconds: float = 60.0  # stall length
+    rate: float = 0.0  # throttle: bytes per second
+
+
+@dataclass
+class Served:
+    method: str
+    path: str
+    range: str | None
+    status: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Upstream:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    target: str | None = None
+    faults: list[Fault] = field(default_factory=list)
+    chunk: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        self.log: list[Served] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True, name="upstream")
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # -- what the tests read
+    def requests_for(self, image_id: str) -> list[Served]:
+        with self._lock:
+            return [s for s in self.log if image_id in s.path]
+
+    def bytes_for(self, image_id: str) -> int:
+        return sum(s.bytes for s in self.requests_for(image_id))
+
+    # -- life cycle
+    def __enter__(self) -> Upstream:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.SockSite(runner, self._sock)
+        await site.start()
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        self._ready.set()
+        await self._stop.wait()
+        await self._session.close()
+        await runner.cleanup()
+
+    # -- serving
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        served = Served(request.method, request.path, request.headers.get("Range"))
+        with self._lock:
+            self.log.append(served)
+        if self.target is not None:
+            return await self._forward(request, served)
+        image_id = request.path.rstrip("/").rsplit("/", 1)[-1]
+        blob = self.blobs.get(image_id)
+        if blob is None:
+            served.status = 404
+            return web.Response(status=404, text="no such image")
+        start, end, status = 0, len(blob), 200
+        if served.range:
+            m = _RANGE.match(served.range)
+            if not m or int(m.group(1)) >= len(blob):
+                served.status = 416
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(blob)}"})
+            start = int(m.group(1))
+            end = min(len(blob), int(m.group(2)) + 1) if m.group(2) else len(blob)
+            status = 206
+        resp = web.StreamResponse(status=status)
+        resp.content_length = end - start
+        resp.headers["Accept-Ranges"] = "bytes"
+        if status == 206:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(blob)}"
+        served.status = status
+        await resp.prepare(request)
+        await self._send(request, resp, served, _chunks(blob, start, end, self.chunk), start)
+        return resp
+
+    async def _forward(self, request: web.Request, served: Served) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "connection")}
+        async with self._session.request(request.method, self.target + request.path_qs,
+                                         headers=headers) as up:  # fmt: skip
+            resp = web.StreamResponse(status=up.status)
+            for name in ("Content-Type", "Content-MD5", "Content-Range", "Content-Length"):
+                if name in up.headers:
+                    resp.headers[name] = up.headers[name]
+            served.status = up.status
+            start = 0
+            if m := re.match(r"bytes (\d+)-", up.headers.get("Content-Range", "")):
+                start = int(m.group(1))
+            await resp.prepare(request)
+            await self._send(request, resp, served, up.content.iter_any(), start)
+            return resp
+
+    async def _send(self, request, resp, served, chunks, offset) -> None:  # type: ignore[no-untyped-def]
+        faults = self._arm()
+        async for data in chunks:
+            for fault in faults:
+                lo, hi = offset, offset + len(data)
+                if fault.kind == "flip" and lo <= fault.at < hi:
+                    buf = bytearray(data)
+                    buf[fault.at - lo] ^= 0xFF
+                    data = bytes(buf)
+                elif fault.kind in ("truncate", "reset", "stall") and lo <= fault.at < hi:
+                    head = data[: fault.at - lo]
+                    if head:
+                        await resp.write(head)
+                        served.bytes += len(head)
+                        offset += len(head)
+                        data = data[len(head):]
+                    if fault.kind == "truncate":
+                        request.transport.close()
+                        return
+                    if fault.kind == "reset":
+                        _reset(request.transport)
+                        return
+                    await asyncio.sleep(fault.seconds)
+                elif fault.kind == "throttle":
+                    await asyncio.sleep(len(data) / fault.rate)
+            await resp.write(data)
+            served.bytes += len(data)
+            offset += len(data)
+        await resp.write_eof()
+
+    def _arm(self) -> list[Fault]:
+        with self._lock:
+            armed = [f for f in self.faults if f.times != 0]
+            for f in armed:
+                if f.times > 0:
+                    f.times -= 1
+            return armed
+
+
+async def _chunks(blob: bytes, start: int, end: int, size: int):  # type: ignore[no-untyped-def]
+    for i in range(start, end, size):
+        yield blob[i: min(end, i + size)]
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # SO_LINGER 0: close() sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -1,0 +1,146 @@
+"""The config file: every mistake stops the start with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cachenode.config import load_config, parse_config
+from cachenode.errors import ConfigError
+
+MINIMAL = {"glance": {"url": "http://glance.example:9292"}, "cache": {"dir": "/var/lib/cachenode"}}
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    return {**MINIMAL, **overrides}
+
+
+def error_of(doc: object) -> str:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(doc)
+    return str(exc.value)
+
+
+def test_minimal_config_uses_glance_as_the_only_tier() -> None:
+    cfg = parse_config(config())
+    assert cfg.listen == ("127.0.0.1", 9393)
+    assert cfg.admin_listen == ("127.0.0.1", 9394)
+    assert [(t.name, t.kind, t.url) for t in cfg.tiers] == [("glance", "glance", "http://glance.example:9292")]
+    assert cfg.authz_ttl == 60
+    assert cfg.policy.name == "default"
+
+
+def test_full_config_of_the_spec_parses(tmp_path: Path) -> None:
+    token = tmp_path / "service.token"
+    token.write_text("svc:svc:admin\n")
+    cfg = parse_config(config(
+        listen="127.0.0.1:9393",
+        authz={"ttl": "60s", "stale_if_error": "5m"},
+        cache={"dir": "/var/lib/cachenode", "policy": "golden-images"},
+        tiers=[
+            {"name": "regional", "kind": "glance", "url": "http://glance-cache.region:9292"},
+            {"name": "mirror", "kind": "http", "url": "http://mirror.region/images/{image_id}",
+             "parallel": 4, "chunk_size": "64MiB", "read_timeout": "10s"},
+        ],
+        admin={"listen": "127.0.0.1:9394"},
+        service_auth={"token_file": str(token)},
+    ))  # fmt: skip
+    assert cfg.authz_stale_if_error == 300
+    assert [t.name for t in cfg.tiers] == ["regional", "mirror"]
+    assert cfg.tiers[1].chunk_size == 64 << 20 and cfg.tiers[1].read_timeout == 10
+    assert cfg.service_token is not None and cfg.service_token.reveal() == "svc:svc:admin"
+    assert "svc" not in repr(cfg)
+    assert cfg.policy.pin.tags == ("golden",)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (config(tiers=[{"name": "a", "kind": "glance", "url": "http://x"},
+                       {"name": "b", "kind": "http", "url": "ftp://x"}]),
+         "tiers[1].url: not an http(s) URL"),
+        (config(listen="nowhere"), "listen: expected host:port"),
+        (config(listen="127.0.0.1:99999"), "listen: port must be between 1 and 65535"),
+        (config(authz={"ttl": "soon"}), "authz.ttl: not a duration"),
+        (config(authz={"ttl": -3}), "authz.ttl: a duration cannot be negative"),
+        (config(authz={"tll": "5s"}), "authz.tll: unknown key"),
+        (config(colour="blue"), "colour: unknown key"),
+        (config(tiers=[{"name": "a", "kind": "ftp", "url": "http://x"}]), "tiers[0].kind: must be one of"),
+        (config(tiers=[{"name": "a", "kind": "http", "url": "http://x", "chunk_size": "lots"}]),
+         "tiers[0].chunk_size: not a size"),
+        (config(tiers=[{"name": "a", "kind": "http", "url": "http://x", "parallel": "4"}]),
+         "tiers[0].parallel: expected a whole number"),
+        (config(tiers=[{"name": "a", "kind": "http", "url": "http://x"},
+                       {"name": "a", "kind": "http", "url": "http://y"}]),
+         "tiers[1].name: 'a' is used by an earlier tier"),
+        (config(tiers={"name": "a"}), "tiers: expected a list"),
+        (config(glance={}), "glance.url: missing"),
+        (config(glance="http://x"), "glance: expected a mapping"),
+        (config(cache={"dir": "relative/path"}), "cache.dir: must be an absolute path"),
+        (config(cache={"dir": "/x", "policy": "nonesuch"}), "cache.policy: no policy named 'nonesuch'"),
+        (config(admin={"listen": "127.0.0.1:9393"}), "admin.listen: must differ from listen"),
+        (config(service_auth={"token_file": "/nonexistent/token"}),
+         "service_auth.token_file: cannot read /nonexistent/token"),
+        ([1, 2], "expected a mapping, got a list"),
+    ],
+)  # fmt: skip
+def test_bad_values_name_their_key(doc: object, message: str) -> None:
+    assert message in error_of(doc)
+
+
+def test_policy_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    policy = tmp_path / "mine.yaml"
+    policy.write_text("order: random\n")
+    assert "mine.yaml: order: must be one of lru, lfu, largest, fifo" in error_of(
+        config(cache={"dir": "/x", "policy": str(policy)})
+    )
+    policy.write_text("low_watermark: 0.9\nhigh_watermark: 0.5\n")
+    assert "low_watermark: must not be above high_watermark" in error_of(
+        config(cache={"dir": "/x", "policy": str(policy)})
+    )
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("glance: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cachenode", *args], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def test_check_config_and_serve_exit_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(tiers=[{"name": "x", "kind": "http", "url": "gopher://x"}])))
+    for command in ("check-config", "serve"):
+        result = run_cli(command, "-c", str(path))
+        assert result.returncode == 2
+        assert result.stderr == "config error: tiers[0].url: not an http(s) URL\n"
+        assert result.stdout == ""
+
+
+def test_check_config_ok_and_env_default(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config()))
+    result = run_cli("check-config", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config ok:")
+    env_result = subprocess.run([sys.executable, "-m", "cachenode", "check-config"], capture_output=True,
+                                text=True, env={"CACHENODE_CONFIG": str(path), "PATH": "/usr/bin"})  # fmt: skip
+    assert env_result.returncode == 0, env_result.stderr
+
+
+def test_shipped_policies_all_load() -> None:
+    for name in ("default", "lru", "size-capped", "golden-images"):
+        cfg = parse_config(config(cache={"dir": "/x", "policy": name}))
+        assert cfg.policy.name == name
