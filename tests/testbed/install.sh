@@ -11,7 +11,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TB="${CACHENODE_TESTBED:-$HOME/.cache/cachenode-testbed}"
 PY="${PYTHON:-python3}"
 V="$TB/venv"
-stamp="$V/.cachenode-testbed-$(sha1sum "$HERE/constraints-glance.txt" "$HERE/install.sh" | sha1sum | cut -c1-12)"
+stamp="$V/.cachenode-testbed-$(cat "$HERE/constraints-glance.txt" "$HERE/install.sh" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && [ -x "$V/bin/uwsgi" ]; then
   exit 0
 fi

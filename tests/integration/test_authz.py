@@ -1,0 +1,129 @@
+"""Glance decides who gets bytes, on hits, misses and joined streams alike (SPEC §3 Authorization)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from tests.support.glance import ADMIN, ALICE, ALICE_READER, BOB, CAROL, Glance, Image
+from tests.support.sidecar import Sidecar
+from tests.support.upstream import Fault, Upstream
+
+
+def direct(glance: Glance, image_id: str, token: str | None) -> requests.Response:
+    headers = {"X-Auth-Token": token} if token else {}
+    return requests.get(f"{glance.url}/v2/images/{image_id}/file", headers=headers, timeout=60)
+
+
+def assert_refused_like_glance(glance: Glance, sidecar: Sidecar, image: Image, token: str | None,
+                               status: int) -> None:  # fmt: skip
+    via = sidecar.get(image.id, token)
+    ref = direct(glance, image.id, token)
+    assert (via.status_code, ref.status_code) == (status, status)
+    assert via.content == ref.content  # Glance's own body, relayed unchanged
+    assert image.data[:64] not in via.content
+    assert "X-Cachenode-Status" not in via.headers
+
+
+def cached(glance: Glance, sidecar: Sidecar, **props: object) -> Image:
+    image = glance.create_image(1 << 20, **props)
+    first = sidecar.get(image.id, ALICE)
+    assert first.status_code == 200 and first.content == image.data
+    assert image.id in [b.name for b in sidecar.blobs()]
+    return image
+
+
+def test_hit_is_refused_to_everyone_glance_refuses(glance: Glance, sidecar: Sidecar) -> None:
+    image = cached(glance, sidecar)
+    hit = sidecar.get(image.id, ALICE)
+    assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == image.data
+
+    assert_refused_like_glance(glance, sidecar, image, BOB, 404)  # another project
+    assert_refused_like_glance(glance, sidecar, image, ALICE_READER, 403)  # may see, not download
+    assert_refused_like_glance(glance, sidecar, image, None, 401)
+    assert_refused_like_glance(glance, sidecar, image, "not-a-token", 401)
+    assert sidecar.metric("cachenode_requests_total", status="denied") == 4
+    assert sidecar.metric("cachenode_requests_total", status="hit") == 1
+
+
+def test_removed_membership_and_deactivation(glance: Glance, sidecar: Sidecar) -> None:
+    image = cached(glance, sidecar)
+    glance.share(image.id, "projC")
+    shared = sidecar.get(image.id, CAROL)
+    assert shared.status_code == 200 and shared.content == image.data
+    assert shared.headers["X-Cachenode-Status"] == "HIT"
+
+    glance.unshare(image.id, "projC")
+    assert_refused_like_glance(glance, sidecar, image, CAROL, 404)
+
+    glance.api("POST", f"/v2/images/{image.id}/actions/deactivate", ADMIN).raise_for_status()
+    assert_refused_like_glance(glance, sidecar, image, ALICE, 403)
+    assert image.id in [b.name for b in sidecar.blobs()]  # kept: it may be reactivated
+    glance.api("POST", f"/v2/images/{image.id}/actions/reactivate", ADMIN).raise_for_status()
+    again = sidecar.get(image.id, ALICE)
+    assert again.status_code == 200 and again.headers["X-Cachenode-Status"] == "HIT"
+
+
+def test_deleted_image_is_refused_and_leaves_l1(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    token = tmp_path / "service.token"
+    token.write_text(ADMIN)
+    sidecar = sidecar_factory(service_auth={"token_file": str(token)}).start()
+    image = cached(glance, sidecar)
+    glance.api("DELETE", f"/v2/images/{image.id}").raise_for_status()
+
+    assert_refused_like_glance(glance, sidecar, image, ALICE, 404)
+    assert sidecar.blobs() == []
+    assert sidecar.metric("cachenode_evictions_total", reason="deleted") == 1
+    assert sidecar.metric("cachenode_cache_entries") == 0
+
+
+def test_miss_refused_before_any_fetch(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    image = glance.create_image(1 << 20)
+    with Upstream(target=glance.url) as l2:
+        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        assert_refused_like_glance(glance, sidecar, image, BOB, 404)
+        assert_refused_like_glance(glance, sidecar, image, ALICE_READER, 403)
+        assert l2.requests_for(image.id) == []
+        assert sidecar.blobs() == [] and sidecar.partials() == []
+
+
+def test_joined_stream_needs_its_own_authorization(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    image = glance.create_image(4 << 20)
+    glance.share(image.id, "projC")
+    slow = Fault("throttle", rate=2 << 20, times=-1)  # ~2 s for the whole image
+    with Upstream(target=glance.url, faults=[slow]) as l2:
+        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        results: dict[str, requests.Response] = {}
+        owner = threading.Thread(target=lambda: results.update(alice=sidecar.get(image.id, ALICE)))
+        owner.start()
+        deadline = time.monotonic() + 10
+        while not sidecar.partials() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sidecar.partials(), "the fill did not start"
+        assert_refused_like_glance(glance, sidecar, image, BOB, 404)
+        assert_refused_like_glance(glance, sidecar, image, ALICE_READER, 403)
+        member = sidecar.get(image.id, CAROL)  # joins the running fill: allowed
+        owner.join()
+        assert member.status_code == 200 and member.content == image.data
+        assert member.headers["X-Cachenode-Status"] == "JOINED"
+        assert results["alice"].content == image.data
+        assert len(l2.requests_for(image.id)) == 1
+
+
+def test_positive_decisions_are_reused_for_ttl_at_most(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    sidecar = sidecar_factory(authz={"ttl": "2s"}).start()
+    image = cached(glance, sidecar)
+    glance.share(image.id, "projC")
+    assert sidecar.get(image.id, CAROL).status_code == 200
+    granted_at = time.monotonic()
+    glance.unshare(image.id, "projC")
+    within = sidecar.get(image.id, CAROL)
+    if time.monotonic() - granted_at < 1.5:  # still inside the TTL: the decision was reused
+        assert within.status_code == 200
+        assert sidecar.metric("cachenode_authz_total", outcome="cached") >= 1
+    time.sleep(max(0.0, 2.2 - (time.monotonic() - granted_at)))
+    after = sidecar.get(image.id, CAROL)
+    assert after.status_code == 404 and image.data[:64] not in after.content
