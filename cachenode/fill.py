@@ -213,6 +213,9 @@ class Fills:
         finally:
             if part is not None:
                 await self.local.discard(part)
+            # Readers learn the outcome only now, when nothing partial is left on disk.
+            if fill.error is not None:
+                fill.state = State.FAILED
             del self._running[fill.image.id]
             self.metrics.inflight_fills.dec()
             self.metrics.fills.labels(fill.tier or "none", outcome).inc()
@@ -221,7 +224,6 @@ class Fills:
 
     @staticmethod
     def _fail(fill: Fill, exc: CachenodeError) -> None:
-        fill.state = State.FAILED
         fill.error = exc
 
     async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> Any:

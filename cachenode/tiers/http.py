@@ -34,21 +34,25 @@ class HttpBody:
         self.offset = offset
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        pending: list[bytes] = []
-        size = 0
-        try:
-            async for data in self.resp.content.iter_any():
-                pending.append(data)
-                size += len(data)
-                if size >= READ_SIZE:
-                    yield b"".join(pending)
-                    pending, size = [], 0
-        except asyncio.TimeoutError:
-            raise TierUnavailable(self.tier, "read timed out", kind="timeout") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise TierShortRead(self.tier, f"body broken: {type(exc).__name__}") from None
-        if pending:
-            yield b"".join(pending)
+        """The body in pieces of what has arrived, up to READ_SIZE: never waits to fill a piece."""
+        content = self.resp.content
+        while True:
+            try:
+                data = await content.readany()
+                if not data:
+                    return
+                if len(data) < READ_SIZE:
+                    pieces = [data]
+                    size = len(data)
+                    while size < READ_SIZE and (more := content.read_nowait(READ_SIZE - size)):
+                        pieces.append(more)
+                        size += len(more)
+                    data = b"".join(pieces) if len(pieces) > 1 else data
+            except asyncio.TimeoutError:
+                raise TierUnavailable(self.tier, "read timed out", kind="timeout") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise TierShortRead(self.tier, f"body broken: {type(exc).__name__}") from None
+            yield data
 
 
 class HttpSource:

@@ -15,6 +15,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -39,6 +40,9 @@ class Served:
     range: str | None
     status: int = 0
     bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None  # when the last byte went out (None: cut or still sending)
+    origin_headers: dict[str, str] = field(default_factory=dict)  # what the target answered
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Upstream:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "connection")}
         async with self._session.request(request.method, self.target + request.path_qs,
                                          headers=headers) as up:  # fmt: skip
+            served.origin_headers = dict(up.headers)
             resp = web.StreamResponse(status=up.status)
             for name in ("Content-Type", "Content-MD5", "Content-Range", "Content-Length"):
                 if name in up.headers:
@@ -175,6 +180,7 @@ class Upstream:
             served.bytes += len(data)
             offset += len(data)
         await resp.write_eof()
+        served.finished = time.monotonic()
 
     def _arm(self) -> list[Fault]:
         with self._lock:
