@@ -1,7 +1,7 @@
 """The admin plane (SPEC §6), on its own listener: metrics, health and readiness.
 
-``/metrics``, ``/healthz`` and ``/readyz`` are open (a scraper and a kubelet have no token); the JSON
-API under ``/admin/v1/`` requires ``Authorization: Bearer <admin token>``.
+``/metrics``, ``/healthz`` and ``/readyz`` are open (a scraper and a kubelet have no token); the
+JSON API under ``/admin/v1/`` requires ``Authorization: Bearer <admin token>``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import hmac
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cachenode.config import Secret
@@ -30,13 +31,16 @@ def admin_app(metrics: Metrics, ready: Callable[[], bool], token: Secret | None)
         return web.Response(status=503, text="not ready\n")
 
     @web.middleware
-    async def bearer(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/admin/"):
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {token.reveal()}" if token else None
             if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
-                return web.json_response({"error": "admin token required"}, status=401,
-                                         headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return web.json_response(
+                    {"error": "admin token required"},
+                    status=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return await handler(request)
 
     app = web.Application(middlewares=[bearer])

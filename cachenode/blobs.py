@@ -13,6 +13,7 @@ an executor.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -89,10 +90,9 @@ class BlobStore:
     @staticmethod
     def discard(partial: Path, fd: int | None) -> None:
         if fd is not None:
-            try:
+            # Already closed by a commit that failed after close: the unlink below is what matters.
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass  # already closed by a commit that failed after close; the unlink below matters
         partial.unlink(missing_ok=True)
 
     def remove(self, image_id: str) -> int:

@@ -20,8 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachenode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cachenode {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", default=None,
-                        help=f"config file (default $CACHENODE_CONFIG or {default_config_path()})")  # fmt: skip
+    common.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help=f"config file (default $CACHENODE_CONFIG or {default_config_path()})",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the sidecar")
     sub.add_parser("check-config", parents=[common], help="check the config file and exit")
@@ -37,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check-config":
         tiers = ", ".join(f"{t.name} ({t.kind})" for t in config.tiers) or "none"
-        print(f"config ok: listen {config.listen[0]}:{config.listen[1]}, glance {config.glance_url}, "
-              f"tiers {tiers}, policy {config.policy.name}")  # fmt: skip
+        print(
+            f"config ok: listen {config.listen[0]}:{config.listen[1]}, glance {config.glance_url}, "
+            f"tiers {tiers}, policy {config.policy.name}"
+        )
         return EXIT_OK
     return serve(config)
 

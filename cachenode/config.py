@@ -1,8 +1,8 @@
 """The configuration file (SPEC §4): one YAML document read into frozen records.
 
-Every problem stops the start with one line naming the key (``tiers[1].url: not an http(s) URL``);
-``cachenode check-config`` runs the same checks. Secrets (token files) are read once here and kept in
-``Secret`` wrappers whose repr never shows them.
+Every problem stops the start with one line naming the key
+(``tiers[1].url: not an http(s) URL``); ``cachenode check-config`` runs the same checks. Secrets
+(token files) are read once here and kept in ``Secret`` wrappers whose repr never shows them.
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def _tier(path: str, data: object) -> TierConfig:
     s = v.Section(data, path)
     name = s.take("name", v.string)
     if not _TIER_NAME.match(name) or name == "l1":
-        raise ConfigError(s.key("name"), "use 1-32 lowercase letters, digits, '-' or '_' (not 'l1')")
+        raise ConfigError(
+            s.key("name"), "use 1-32 lowercase letters, digits, '-' or '_' (not 'l1')"
+        )
     kind = s.take("kind", v.choice(*TIER_KINDS))
     tier = TierConfig(
         name=name,
@@ -143,7 +145,9 @@ def parse_config(data: object) -> Config:
     admin_token = admin.take("token_file", _secret_file, None)
     admin.finish()
     if admin_listen == listen:
-        raise ConfigError("admin.listen", "must differ from listen (the admin plane never shares the data port)")
+        raise ConfigError(
+            "admin.listen", "must differ from listen (the admin plane never shares the data port)"
+        )
 
     service = doc.section("service_auth")
     service_token = service.take("token_file", _secret_file, None)
@@ -151,11 +155,19 @@ def parse_config(data: object) -> Config:
     doc.finish()
 
     return Config(
-        listen=listen, glance_url=glance_url, glance_timeout=glance_timeout, authz_ttl=ttl,
-        authz_stale_if_error=stale, cache_dir=cache_dir, policy=policy, tiers=tiers,
-        admin_listen=admin_listen, admin_token=admin_token, service_token=service_token,
+        listen=listen,
+        glance_url=glance_url,
+        glance_timeout=glance_timeout,
+        authz_ttl=ttl,
+        authz_stale_if_error=stale,
+        cache_dir=cache_dir,
+        policy=policy,
+        tiers=tiers,
+        admin_listen=admin_listen,
+        admin_token=admin_token,
+        service_token=service_token,
         log_level=log_level,
-    )  # fmt: skip
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -1,9 +1,9 @@
 """The fill: one upstream fetch per image per host, written once, verified, then committed.
 
-A ``Fill`` downloads an image from the tiers in order into its partial file, at the offsets the bytes
-belong to, hashing them as they land. Any number of callers read the partial file as it grows (see
-``cachenode.server``); none receives the image's last byte before the whole image verified, so a
-caller can never finish a clean body of bad bytes. When a tier fails mid-body the fill resumes at
+A ``Fill`` downloads an image from the tiers in order into its partial file, at the offsets the
+bytes belong to, hashing them as they land. Any number of callers read the partial file as it grows
+(see ``cachenode.server``); none receives the image's last byte before the whole image verified, so
+a caller can never finish a clean body of bad bytes. When a tier fails mid-body the fill resumes at
 the offset reached on the next tier (``Range``). At the end the size and hash are checked against
 Glance's record and the file is renamed into L1, or discarded and the tiers that sent it are
 skipped for that image for a while.
@@ -69,6 +69,10 @@ class Fill:
     @property
     def done(self) -> bool:
         return self.state is not State.RUNNING
+
+    @property
+    def failed(self) -> bool:
+        return self.state is State.FAILED
 
     def readable(self) -> int:
         """Bytes a reader may send: all that landed, except the last byte until verified."""
@@ -152,14 +156,18 @@ class Fills:
     def candidates(self, image_id: str) -> list[Tier]:
         return self.tiers.candidates(self.excluded(image_id))
 
-    def start(
-        self, image: ImageInfo, size: int, verifier: tuple[str, str], creds: Credentials | None
-    ) -> Fill:
-        """The running fill of this image, or a new one. Never awaits: no two can start."""
+    def start(self, image: ImageInfo, creds: Credentials | None) -> Fill:
+        """The running fill of this image, or a new one. Never awaits: no two can start.
+
+        The image must be cacheable: a size and something to verify it against.
+        """
         fill = self._running.get(image.id)
         if fill is not None:
             return fill
-        fill = Fill(image, size, verifier)
+        verifier = image.verifier()
+        if not image.size or verifier is None:
+            raise ValueError(f"image {image.id} has no size or hash to verify a fill against")
+        fill = Fill(image, image.size, verifier)
         self._running[image.id] = fill
         fill.task = asyncio.create_task(self._run(fill, creds), name=f"fill-{image.id}")
         return fill
@@ -181,8 +189,13 @@ class Fills:
             fill.state = State.COMMITTED
             outcome = "ok"
             self.metrics.fill_duration.observe(time.monotonic() - started)
-            log.info("filled %s: %d bytes from %s in %.2fs", fill.image.id, fill.size,
-                     ",".join(fill.contributors), time.monotonic() - started)  # fmt: skip
+            log.info(
+                "filled %s: %d bytes from %s in %.2fs",
+                fill.image.id,
+                fill.size,
+                ",".join(fill.contributors),
+                time.monotonic() - started,
+            )
         except IntegrityError as exc:
             outcome = "integrity"
             self._fail(fill, exc)
@@ -254,9 +267,10 @@ class Fills:
                                 continue
                         if fill.landed + len(chunk) > fill.size:
                             raise IntegrityError(
-                                fill.image.id, f"{tier.name} sent more than {fill.size} bytes",
+                                fill.image.id,
+                                f"{tier.name} sent more than {fill.size} bytes",
                                 tuple(dict.fromkeys([*fill.contributors, tier.name])),
-                            )  # fmt: skip
+                            )
                         if tier.name not in fill.contributors:
                             fill.contributors.append(tier.name)
                         fill.tier = fill.tier or tier.name
@@ -265,15 +279,23 @@ class Fills:
                         fill.landed += len(chunk)
                         fill._notify()
                 if fill.landed < fill.size:
-                    raise TierShortRead(tier.name, f"body ended at byte {fill.landed} of {fill.size}")
+                    raise TierShortRead(
+                        tier.name, f"body ended at byte {fill.landed} of {fill.size}"
+                    )
                 self.tiers.succeeded(tier)
             except TierError as exc:
                 self.tiers.failed(tier, exc)
                 errors.append(str(exc))
-                log.warning("fill of %s: %s at byte %d; trying the next tier",
-                            fill.image.id, exc, fill.landed)  # fmt: skip
+                log.warning(
+                    "fill of %s: %s at byte %d; trying the next tier",
+                    fill.image.id,
+                    exc,
+                    fill.landed,
+                )
         if fill.landed < fill.size:
-            raise FillFailed(f"no tier delivered {fill.image.id}: " + "; ".join(errors or ["no tiers"]))
+            raise FillFailed(
+                f"no tier delivered {fill.image.id}: " + "; ".join(errors or ["no tiers"])
+            )
         return hasher
 
     @staticmethod
@@ -282,23 +304,29 @@ class Fills:
         digest = hasher.hexdigest()
         if digest != expected:
             raise IntegrityError(
-                fill.image.id, f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}...",
+                fill.image.id,
+                f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}...",
                 tuple(fill.contributors),
-            )  # fmt: skip
+            )
 
     @staticmethod
     def _entry(fill: Fill) -> Entry:
         now = time.time()
         return Entry(
-            image_id=fill.image.id, size=fill.size, hash_algo=fill.verifier[0],
-            hash_value=fill.verifier[1], checksum=fill.image.checksum, tier=fill.tier or "",
-            created=now, last_access=now, tags=fill.image.tags,
+            image_id=fill.image.id,
+            size=fill.size,
+            hash_algo=fill.verifier[0],
+            hash_value=fill.verifier[1],
+            checksum=fill.image.checksum,
+            tier=fill.tier or "",
+            created=now,
+            last_access=now,
+            tags=fill.image.tags,
             properties=dict(fill.image.properties),
-        )  # fmt: skip
+        )
 
     async def close(self) -> None:
         tasks = [f.task for f in self._running.values() if f.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-

@@ -7,7 +7,6 @@ and nowhere else.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -23,18 +22,50 @@ from cachenode.errors import GlanceRefused, GlanceUnavailable
 CREDENTIAL_HEADERS = ("X-Auth-Token", "X-Service-Token")
 HOP_BY_HOP = frozenset(
     h.lower()
-    for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
-              "Trailer", "Transfer-Encoding", "Upgrade", "Proxy-Connection")  # fmt: skip
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
+    )
 )
 # Glance's canonical image id; only these are cached (they also make safe file names).
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 # Glance's own image attributes; everything else in an image record is a user property.
 _CORE_FIELDS = frozenset(
-    ("id", "name", "status", "visibility", "protected", "checksum", "os_hash_algo", "os_hash_value",
-     "size", "virtual_size", "container_format", "disk_format", "owner", "min_disk", "min_ram",
-     "created_at", "updated_at", "tags", "self", "file", "schema", "locations", "direct_url",
-     "os_hidden", "stores")  # fmt: skip
+    (
+        "id",
+        "name",
+        "status",
+        "visibility",
+        "protected",
+        "checksum",
+        "os_hash_algo",
+        "os_hash_value",
+        "size",
+        "virtual_size",
+        "container_format",
+        "disk_format",
+        "owner",
+        "min_disk",
+        "min_ram",
+        "created_at",
+        "updated_at",
+        "tags",
+        "self",
+        "file",
+        "schema",
+        "locations",
+        "direct_url",
+        "os_hidden",
+        "stores",
+    )
 )
 
 
@@ -94,7 +125,9 @@ class ImageInfo:
             hash_algo=doc.get("os_hash_algo") or None,
             hash_value=doc.get("os_hash_value") or None,
             tags=tuple(str(t) for t in doc.get("tags") or ()),
-            properties={k: str(v) for k, v in doc.items() if k not in _CORE_FIELDS and v is not None},
+            properties={
+                k: str(v) for k, v in doc.items() if k not in _CORE_FIELDS and v is not None
+            },
             locations=tuple(dict.fromkeys(u for u in urls if isinstance(u, str))),
         )
 
@@ -156,27 +189,32 @@ class GlanceClient:
                     return Permit(size=None, checksum=resp.headers.get("Content-MD5"))
                 body = await resp.read()
                 raise self._refusal(resp, body)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
 
     async def image(self, image_id: str, creds: Credentials) -> ImageInfo:
         """The image record as the caller sees it."""
         url = f"{self.url}/v2/images/{image_id}"
         try:
-            async with self.session.get(url, headers=dict(creds.headers), timeout=self.timeout) as resp:
+            async with self.session.get(
+                url, headers=dict(creds.headers), timeout=self.timeout
+            ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise self._refusal(resp, body)
                 try:
                     return ImageInfo.from_json(await resp.json(content_type=None))
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise GlanceUnavailable(f"glance sent an unreadable image record: {exc}") from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise GlanceUnavailable(
+                        f"glance sent an unreadable image record: {exc}"
+                    ) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
 
     @staticmethod
     def _refusal(resp: aiohttp.ClientResponse, body: bytes) -> Exception:
         if resp.status >= 500:
-            return GlanceUnavailable(f"glance answered {resp.status}", resp.status,
-                                     relay_headers(resp.headers), body)  # fmt: skip
+            return GlanceUnavailable(
+                f"glance answered {resp.status}", resp.status, relay_headers(resp.headers), body
+            )
         return GlanceRefused(resp.status, relay_headers(resp.headers), body)

@@ -18,37 +18,59 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         p = "cachenode_"
-        self.requests = Counter(p + "requests", "Image download requests by outcome",
-                                ["status"], registry=r)
-        self.served_bytes = Counter(p + "served_bytes", "Image bytes sent to callers, by source",
-                                    ["tier"], registry=r)
-        self.upstream_bytes = Counter(p + "upstream_bytes", "Image bytes received from each tier",
-                                      ["tier"], registry=r)
-        self.fills = Counter(p + "fills", "Fills by the tier that started them and outcome",
-                             ["tier", "outcome"], registry=r)
-        self.fill_duration = Histogram(p + "fill_duration_seconds", "Time to fill one image",
-                                       buckets=_FILL, registry=r)
-        self.ttfb = Histogram(p + "ttfb_seconds", "Time to the first body byte sent",
-                              ["status"], buckets=_LATENCY, registry=r)
+        self.requests = Counter(
+            p + "requests", "Image download requests by outcome", ["status"], registry=r
+        )
+        self.served_bytes = Counter(
+            p + "served_bytes", "Image bytes sent to callers, by source", ["tier"], registry=r
+        )
+        self.upstream_bytes = Counter(
+            p + "upstream_bytes", "Image bytes received from each tier", ["tier"], registry=r
+        )
+        self.fills = Counter(
+            p + "fills",
+            "Fills by the tier that started them and outcome",
+            ["tier", "outcome"],
+            registry=r,
+        )
+        self.fill_duration = Histogram(
+            p + "fill_duration_seconds", "Time to fill one image", buckets=_FILL, registry=r
+        )
+        self.ttfb = Histogram(
+            p + "ttfb_seconds",
+            "Time to the first body byte sent",
+            ["status"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.inflight_fills = Gauge(p + "inflight_fills", "Fills running now", registry=r)
-        self.coalesced = Counter(p + "coalesced_requests", "Callers served by another caller's fill",
-                                 registry=r)
-        self.authz = Counter(p + "authz", "Authorization decisions by outcome",
-                             ["outcome"], registry=r)
-        self.integrity_failures = Counter(p + "integrity_failures",
-                                          "Fills whose bytes failed the size or hash check",
-                                          ["tier"], registry=r)
-        self.tier_failures = Counter(p + "tier_failures", "Tier errors by tier and kind",
-                                     ["tier", "kind"], registry=r)
-        self.evictions = Counter(p + "evictions", "Entries removed from L1 by reason",
-                                 ["reason"], registry=r)
+        self.coalesced = Counter(
+            p + "coalesced_requests", "Callers served by another caller's fill", registry=r
+        )
+        self.authz = Counter(
+            p + "authz", "Authorization decisions by outcome", ["outcome"], registry=r
+        )
+        self.integrity_failures = Counter(
+            p + "integrity_failures",
+            "Fills whose bytes failed the size or hash check",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_failures = Counter(
+            p + "tier_failures", "Tier errors by tier and kind", ["tier", "kind"], registry=r
+        )
+        self.evictions = Counter(
+            p + "evictions", "Entries removed from L1 by reason", ["reason"], registry=r
+        )
         self.evicted_bytes = Counter(p + "evicted_bytes", "Bytes removed from L1", registry=r)
         self.cache_bytes = Gauge(p + "cache_bytes", "Bytes of verified entries in L1", registry=r)
         self.cache_entries = Gauge(p + "cache_entries", "Verified entries in L1", registry=r)
-        self.cache_capacity = Gauge(p + "cache_capacity_bytes", "max_bytes of the policy",
-                                    registry=r)
-        self.disk_free = Gauge(p + "disk_free_bytes", "Free bytes on the cache filesystem",
-                               registry=r)
-        self.passthrough = Counter(p + "passthrough", "Downloads passed to Glance, by reason",
-                                   ["reason"], registry=r)
-        # fmt: skip
+        self.cache_capacity = Gauge(
+            p + "cache_capacity_bytes", "max_bytes of the policy", registry=r
+        )
+        self.disk_free = Gauge(
+            p + "disk_free_bytes", "Free bytes on the cache filesystem", registry=r
+        )
+        self.passthrough = Counter(
+            p + "passthrough", "Downloads passed to Glance, by reason", ["reason"], registry=r
+        )

@@ -8,10 +8,10 @@ bare name is looked up in ``policy_dirs()``: ``$CACHENODE_POLICY_DIR``, ``/etc/c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -34,7 +34,9 @@ class Selector:
     def __bool__(self) -> bool:
         return bool(self.ids or self.tags or self.properties)
 
-    def matches(self, image_id: str, tags: tuple[str, ...], properties: Mapping[str, object]) -> bool:
+    def matches(
+        self, image_id: str, tags: tuple[str, ...], properties: Mapping[str, object]
+    ) -> bool:
         if image_id in self.ids or any(t in tags for t in self.tags):
             return True
         return any(str(properties.get(k)) == val for k, val in self.properties if k in properties)
@@ -65,12 +67,16 @@ def _selector(section: v.Section, *, ids: bool = True) -> Selector:
 
 def parse_policy(data: object, name: str) -> Policy:
     doc = v.Section(data, "")
-    max_bytes = doc.take("max_bytes", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.8))
+    max_bytes = doc.take(
+        "max_bytes", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.8)
+    )
     high = doc.take("high_watermark", v.fraction, 0.95)
     low = doc.take("low_watermark", v.fraction, 0.85)
     if low > high:
         raise ConfigError("low_watermark", "must not be above high_watermark")
-    min_free = doc.take("min_free_disk", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.05))
+    min_free = doc.take(
+        "min_free_disk", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.05)
+    )
     max_idle = doc.take("max_idle", parse_duration, None)
     order = doc.take("order", v.choice(*ORDERS), "lru")
     pin_section = doc.section("pin")
@@ -84,9 +90,17 @@ def parse_policy(data: object, name: str) -> Policy:
     warm_section.finish()
     doc.finish()
     return Policy(
-        name=name, order=order, max_bytes=max_bytes, high_watermark=high, low_watermark=low,
-        min_free_disk=min_free, max_idle=max_idle, pin=pin, warm=warm, warm_interval=interval,
-    )  # fmt: skip
+        name=name,
+        order=order,
+        max_bytes=max_bytes,
+        high_watermark=high,
+        low_watermark=low,
+        min_free_disk=min_free,
+        max_idle=max_idle,
+        pin=pin,
+        warm=warm,
+        warm_interval=interval,
+    )
 
 
 def load_policy(ref: str) -> Policy:

@@ -7,7 +7,6 @@ at the sidecar so that a client that discovers versions stays on it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -49,22 +48,33 @@ class Proxy:
     ) -> web.StreamResponse:
         """Send ``request`` to Glance and stream its answer back unchanged."""
         headers = {
-            k: v for k, v in request.headers.items()
+            k: v
+            for k, v in request.headers.items()
             if k.lower() not in HOP_BY_HOP and k.lower() != "host"
-        }  # fmt: skip
+        }
         body = request.content if request.body_exists else None
         url = self.glance_url + request.rel_url.raw_path_qs
         try:
             upstream = await self.session.request(
                 request.method, url, headers=headers, data=body, allow_redirects=False
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("pass-through %s %s: glance unreachable: %s", request.method,
-                        request.rel_url.path, type(exc).__name__)  # fmt: skip
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "pass-through %s %s: glance unreachable: %s",
+                request.method,
+                request.rel_url.path,
+                type(exc).__name__,
+            )
             return web.json_response(
-                {"error": {"code": 502, "title": "Bad Gateway",
-                           "message": "cachenode could not reach Glance"}}, status=502,
-            )  # fmt: skip
+                {
+                    "error": {
+                        "code": 502,
+                        "title": "Bad Gateway",
+                        "message": "cachenode could not reach Glance",
+                    }
+                },
+                status=502,
+            )
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
@@ -79,10 +89,14 @@ class Proxy:
             try:
                 async for chunk in upstream.content.iter_any():
                     await resp.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 # Headers are out: the only honest signal left is a cut connection.
-                log.warning("pass-through %s %s: glance broke off: %s", request.method,
-                            request.rel_url.path, type(exc).__name__)  # fmt: skip
+                log.warning(
+                    "pass-through %s %s: glance broke off: %s",
+                    request.method,
+                    request.rel_url.path,
+                    type(exc).__name__,
+                )
                 if request.transport is not None:
                     request.transport.abort()
                 return resp
@@ -91,7 +105,7 @@ class Proxy:
 
     def _rewrite_location(self, name: str, value: str, request: web.Request) -> str:
         if name.lower() == "location" and value.startswith(self.glance_url):
-            return f"{request.scheme}://{request.host}{value[len(self.glance_url):]}"
+            return f"{request.scheme}://{request.host}{value[len(self.glance_url) :]}"
         return value
 
     async def _discovery(
@@ -116,7 +130,11 @@ def _rewrite_links(doc: Any, scheme: str, host: str) -> Any:
     if isinstance(doc, dict):
         out = {}
         for key, value in doc.items():
-            if key == "href" and isinstance(value, str) and value.startswith(("http://", "https://")):
+            if (
+                key == "href"
+                and isinstance(value, str)
+                and value.startswith(("http://", "https://"))
+            ):
                 parts = urlsplit(value)
                 value = urlunsplit((scheme, host, parts.path, parts.query, parts.fragment))
             out[key] = _rewrite_links(value, scheme, host)

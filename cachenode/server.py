@@ -13,9 +13,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import IO
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from cachenode.authz import Authorizer
 from cachenode.catalog import Entry
@@ -28,7 +30,7 @@ from cachenode.errors import (
     StoreError,
     TierError,
 )
-from cachenode.fill import Fill, Fills, State
+from cachenode.fill import Fill, Fills
 from cachenode.glance import Credentials, GlanceClient, ImageInfo, is_image_id
 from cachenode.local import Local
 from cachenode.metrics import Metrics
@@ -90,8 +92,7 @@ class DataPlane:
                     continue
                 fill, status = self.fills.get(image_id), "joined"
                 if fill is None:
-                    assert image.size is not None and (verifier := image.verifier())
-                    fill, status = self.fills.start(image, image.size, verifier, creds), "miss"
+                    fill, status = self.fills.start(image, creds), "miss"
             return await self._serve_fill(request, started, fill, status, creds)
         raise AssertionError("an image committed twice in one request")
 
@@ -144,7 +145,7 @@ class DataPlane:
                 if resp is not None:
                     return resp
             await fill.wait(lambda: fill.readable() > start)
-            if fill.state is State.FAILED:
+            if fill.failed:
                 return await self._after_failed_fill(request, fill)
             resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), fill.tier)
             await resp.prepare(request)
@@ -155,8 +156,10 @@ class DataPlane:
             sent = start
             try:
                 while sent < end:
-                    if fill.state is State.FAILED:
-                        _cut(request)  # never let a caller finish a body the fill could not vouch for
+                    if fill.failed:
+                        _cut(
+                            request
+                        )  # never let a caller finish a body the fill could not vouch for
                         return resp
                     limit = min(fill.readable(), end)
                     if limit > sent:
@@ -164,23 +167,30 @@ class DataPlane:
                         self.metrics.served_bytes.labels(fill.tier).inc(limit - sent)
                         sent = limit
                     else:
-                        await fill.wait(lambda: min(fill.readable(), end) > sent)
+                        await fill.wait(partial(_beyond, fill, end, sent))
                 await resp.write_eof()
             except ConnectionError:
                 pass  # the caller went away; the fill goes on for the next one
             return resp
 
     async def _range_from_tiers(
-        self, request: web.Request, started: float, fill: Fill, rng: ByteRange,
-        creds: Credentials, status: str,
-    ) -> web.StreamResponse | None:  # fmt: skip
+        self,
+        request: web.Request,
+        started: float,
+        fill: Fill,
+        rng: ByteRange,
+        creds: Credentials,
+        status: str,
+    ) -> web.StreamResponse | None:
         """A range beyond the bytes landed, fetched from the first tier that honours Range."""
         for tier in self.fills.candidates(fill.image.id):
             try:
                 async with tier.open(fill.image, creds, rng.start, rng.end) as body:
                     if body.offset != rng.start:
                         continue  # the tier ignored the range: the fill will get there
-                    resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), tier.name)
+                    resp = self._response(
+                        fill.size, rng, fill.image.checksum, status.upper(), tier.name
+                    )
                     await resp.prepare(request)
                     self.metrics.requests.labels(status).inc()
                     self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
@@ -241,7 +251,7 @@ class DataPlane:
         await self.local.evict(image_id, "deleted")
         self.authz.forget(image_id)
 
-    def _range(self, request: web.Request, size: int) -> ByteRange | None | web.Response:
+    def _range(self, request: web.Request, size: int) -> ByteRange | web.Response | None:
         if "Range" not in request.headers:
             return None
         try:
@@ -249,8 +259,12 @@ class DataPlane:
         except (ValueError, Unsatisfiable):
             # Glance answers a malformed range with 416 too.
             self.metrics.requests.labels("error").inc()
-            return _error(416, "Requested Range Not Satisfiable", "invalid or unsatisfiable Range",
-                          {"Content-Range": f"bytes */{size}"})  # fmt: skip
+            return _error(
+                416,
+                "Requested Range Not Satisfiable",
+                "invalid or unsatisfiable Range",
+                {"Content-Range": f"bytes */{size}"},
+            )
 
     @staticmethod
     def _response(
@@ -269,11 +283,13 @@ class DataPlane:
         return resp
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except CachenodeError as exc:
-            self.metrics.requests.labels("denied" if isinstance(exc, GlanceRefused) else "error").inc()
+            self.metrics.requests.labels(
+                "denied" if isinstance(exc, GlanceRefused) else "error"
+            ).inc()
             return error_response(exc)
 
 
@@ -284,7 +300,9 @@ def error_response(exc: CachenodeError) -> web.Response:
     if isinstance(exc, GlanceUnavailable):
         if exc.status is not None:
             return web.Response(status=exc.status, headers=exc.headers, body=exc.body)
-        return _error(503, "Service Unavailable", "Glance cannot be reached to authorize this download")
+        return _error(
+            503, "Service Unavailable", "Glance cannot be reached to authorize this download"
+        )
     if isinstance(exc, IntegrityError):
         return _error(502, "Bad Gateway", "the image's bytes did not match its hash; try again")
     if isinstance(exc, FillFailed | TierError):
@@ -294,17 +312,25 @@ def error_response(exc: CachenodeError) -> web.Response:
     return _error(500, "Internal Server Error", "cachenode failed")
 
 
-def _error(status: int, title: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    status: int, title: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     body = {"error": {"code": status, "title": title, "message": message}}
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                        headers=headers)  # fmt: skip
+    return web.Response(
+        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: int) -> None:
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the caller went away")
-    await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)  # type: ignore[arg-type]
+    await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+
+
+def _beyond(fill: Fill, end: int, sent: int) -> bool:
+    """Whether the fill has bytes for a reader that sent up to ``sent`` and stops at ``end``."""
+    return min(fill.readable(), end) > sent
 
 
 def _cut(request: web.Request) -> None:

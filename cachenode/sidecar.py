@@ -41,16 +41,27 @@ class Sidecar:
         service = Credentials.token(cfg.service_token.reveal()) if cfg.service_token else None
         plane = DataPlane(
             authz=Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error),
-            glance=glance, local=self.local, fills=self.fills, proxy=self.proxy,
-            metrics=self.metrics, service_creds=service,
-        )  # fmt: skip
+            glance=glance,
+            local=self.local,
+            fills=self.fills,
+            proxy=self.proxy,
+            metrics=self.metrics,
+            service_creds=service,
+        )
         self.metrics.cache_capacity.set(self._capacity())
-        await self._listen(admin_app(self.metrics, lambda: self.ready, cfg.admin_token), cfg.admin_listen)
+        await self._listen(
+            admin_app(self.metrics, lambda: self.ready, cfg.admin_token), cfg.admin_listen
+        )
         await self._listen(plane.app(), cfg.listen)
         self.ready = True
-        log.info("cachenode serving on %s:%d (admin %s:%d), glance %s, tiers %s, policy %s",
-                 *cfg.listen, *cfg.admin_listen, cfg.glance_url,
-                 ",".join(t.name for t in cfg.tiers) or "none", cfg.policy.name)  # fmt: skip
+        log.info(
+            "cachenode serving on %s:%d (admin %s:%d), glance %s, tiers %s, policy %s",
+            *cfg.listen,
+            *cfg.admin_listen,
+            cfg.glance_url,
+            ",".join(t.name for t in cfg.tiers) or "none",
+            cfg.policy.name,
+        )
 
     def _capacity(self) -> int:
         st = self.local.blobs.disk_usage()

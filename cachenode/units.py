@@ -1,4 +1,4 @@
-"""Durations (``30s``, ``5m``, ``14d``) and sizes (``500MiB``, ``200GiB``, ``10%``) as config strings."""
+"""Durations (``30s``, ``5m``, ``14d``) and sizes (``500MiB``, ``200GiB``, ``10%``) in config."""
 
 from __future__ import annotations
 
@@ -11,9 +11,17 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
-}  # fmt: skip
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
 
 
 def parse_duration(value: object) -> float:
@@ -76,7 +84,9 @@ def parse_size(value: object, *, allow_percent: bool = False) -> Size:
         if m := _SIZE.match(text):
             unit = (m.group(2) or "B").lower()
             return Size(bytes=int(float(m.group(1)) * _SIZE_UNITS[unit]))
-    raise ValueError(f"not a size: {value!r} (use bytes, 500MiB, 200GiB{', 10%' if allow_percent else ''})")
+    raise ValueError(
+        f"not a size: {value!r} (use bytes, 500MiB, 200GiB{', 10%' if allow_percent else ''})"
+    )
 
 
 def format_bytes(n: float) -> str:

@@ -1,7 +1,7 @@
 """A small reader for YAML documents that names the exact key of every error.
 
-Both the config (``cachenode.config``) and the policies (``cachenode.policy``) are read through it, so
-every problem is reported the same way: ``tiers[1].url: not an http(s) URL``.
+Both the config (``cachenode.config``) and the policies (``cachenode.policy``) are read through it,
+so every problem is reported the same way: ``tiers[1].url: not an http(s) URL``.
 """
 
 from __future__ import annotations
@@ -68,8 +68,15 @@ class Section:
 
 
 def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)  # fmt: skip
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "nothing",
+    }.get(type(value), type(value).__name__)
 
 
 def string(value: object) -> str:

@@ -50,4 +50,7 @@ def sidecar(sidecar_factory) -> Sidecar:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def testbed_bin() -> Path:
-    return Path(os.environ.get("CACHENODE_TESTBED", Path.home() / ".cache/cachenode-testbed")) / "venv/bin"
+    return (
+        Path(os.environ.get("CACHENODE_TESTBED", Path.home() / ".cache/cachenode-testbed"))
+        / "venv/bin"
+    )

@@ -6,7 +6,6 @@ become TierErrors here, once.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -48,7 +47,7 @@ class HttpBody:
                         pieces.append(more)
                         size += len(more)
                     data = b"".join(pieces) if len(pieces) > 1 else data
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TierUnavailable(self.tier, "read timed out", kind="timeout") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise TierShortRead(self.tier, f"body broken: {type(exc).__name__}") from None
@@ -93,7 +92,7 @@ class HttpSource:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
             resp = await self.session.get(url, headers=headers, allow_redirects=True)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TierUnavailable(self.name, "connect timed out", kind="timeout") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise TierUnavailable(self.name, f"{type(exc).__name__}", kind="connect") from None

@@ -1,4 +1,4 @@
-"""Glance decides who gets bytes, on hits, misses and joined streams alike (SPEC §3 Authorization)."""
+"""Glance decides who gets bytes: on hits, misses and joined streams alike (SPEC §3)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def direct(glance: Glance, image_id: str, token: str | None) -> requests.Respons
     return requests.get(f"{glance.url}/v2/images/{image_id}/file", headers=headers, timeout=60)
 
 
-def assert_refused_like_glance(glance: Glance, sidecar: Sidecar, image: Image, token: str | None,
-                               status: int) -> None:  # fmt: skip
+def assert_refused_like_glance(
+    glance: Glance, sidecar: Sidecar, image: Image, token: str | None, status: int
+) -> None:
     via = sidecar.get(image.id, token)
     ref = direct(glance, image.id, token)
     assert (via.status_code, ref.status_code) == (status, status)
@@ -67,7 +68,9 @@ def test_removed_membership_and_deactivation(glance: Glance, sidecar: Sidecar) -
     assert again.status_code == 200 and again.headers["X-Cachenode-Status"] == "HIT"
 
 
-def test_deleted_image_is_refused_and_leaves_l1(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_deleted_image_is_refused_and_leaves_l1(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     token = tmp_path / "service.token"
     token.write_text(ADMIN)
     sidecar = sidecar_factory(service_auth={"token_file": str(token)}).start()
@@ -83,7 +86,9 @@ def test_deleted_image_is_refused_and_leaves_l1(glance: Glance, sidecar_factory,
 def test_miss_refused_before_any_fetch(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(1 << 20)
     with Upstream(target=glance.url) as l2:
-        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
         assert_refused_like_glance(glance, sidecar, image, BOB, 404)
         assert_refused_like_glance(glance, sidecar, image, ALICE_READER, 403)
         assert l2.requests_for(image.id) == []
@@ -95,7 +100,9 @@ def test_joined_stream_needs_its_own_authorization(glance: Glance, sidecar_facto
     glance.share(image.id, "projC")
     slow = Fault("throttle", rate=2 << 20, times=-1)  # ~2 s for the whole image
     with Upstream(target=glance.url, faults=[slow]) as l2:
-        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
         results: dict[str, requests.Response] = {}
         owner = threading.Thread(target=lambda: results.update(alice=sidecar.get(image.id, ALICE)))
         owner.start()

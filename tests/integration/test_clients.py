@@ -1,4 +1,4 @@
-"""Real clients through the sidecar: python-glanceclient (CLI and API) and openstacksdk work unchanged."""
+"""Real clients through the sidecar: glanceclient (CLI and API) and openstacksdk, unchanged."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import glanceclient
 import openstack
-from keystoneauth1 import session as ks_session
-from keystoneauth1 import token_endpoint
 import psutil
 import requests
+from keystoneauth1 import session as ks_session
+from keystoneauth1 import token_endpoint
 
 from tests.support.glance import ALICE, Glance
 from tests.support.sidecar import Sidecar
@@ -27,8 +27,10 @@ GLANCE_CLI = str(Path(sys.executable).parent / "glance")
 def cli(sidecar: Sidecar, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [GLANCE_CLI, "--os-image-url", sidecar.url, "--os-auth-token", ALICE, *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def glance_api(url: str, token: str) -> glanceclient.v2.client.Client:
@@ -45,11 +47,23 @@ def field(table: str, name: str) -> str:
     raise KeyError(name)
 
 
-def test_glance_cli_lifecycle_through_the_sidecar(glance: Glance, sidecar: Sidecar, tmp_path: Path) -> None:
+def test_glance_cli_lifecycle_through_the_sidecar(
+    glance: Glance, sidecar: Sidecar, tmp_path: Path
+) -> None:
     data = os.urandom(5 << 20)
     (tmp_path / "in.raw").write_bytes(data)
-    created = cli(sidecar, "image-create", "--name", "cli-test", "--disk-format", "raw",
-                  "--container-format", "bare", "--file", str(tmp_path / "in.raw"))  # fmt: skip
+    created = cli(
+        sidecar,
+        "image-create",
+        "--name",
+        "cli-test",
+        "--disk-format",
+        "raw",
+        "--container-format",
+        "bare",
+        "--file",
+        str(tmp_path / "in.raw"),
+    )
     assert created.returncode == 0, created.stderr
     image_id = field(created.stdout, "id")
     assert field(created.stdout, "status") == "active"
@@ -91,9 +105,12 @@ def test_glanceclient_python_api(glance: Glance, sidecar: Sidecar) -> None:
 def test_openstacksdk_download_with_and_without_stream(glance: Glance, sidecar: Sidecar) -> None:
     image = glance.create_image(4 << 20)
     conn = openstack.connect(
-        auth_type="admin_token", auth={"endpoint": sidecar.url, "token": ALICE},
-        image_endpoint_override=sidecar.url, load_yaml_config=False, load_envvars=False,
-    )  # fmt: skip
+        auth_type="admin_token",
+        auth={"endpoint": sidecar.url, "token": ALICE},
+        image_endpoint_override=sidecar.url,
+        load_yaml_config=False,
+        load_envvars=False,
+    )
     whole = conn.image.download_image(image.id)  # verifies the hash before returning
     assert (whole.content if isinstance(whole, requests.Response) else whole) == image.data
     streamed = conn.image.download_image(image.id, stream=True)
@@ -110,8 +127,10 @@ def test_version_discovery_points_back_at_the_sidecar(sidecar: Sidecar) -> None:
         assert links and all(href.startswith(sidecar.url + "/") for href in links), links
 
 
-def test_large_upload_streams_without_growing_memory(glance: Glance, sidecar: Sidecar, tmp_path: Path) -> None:
-    """A 1 GiB chunked upload through the sidecar: Glance gets every byte, the sidecar's RSS stays flat."""
+def test_large_upload_streams_without_growing_memory(
+    glance: Glance, sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """A 1 GiB chunked upload through the sidecar: Glance gets it all, the RSS stays flat."""
     size = 1 << 30
     block = os.urandom(1 << 20)
     digest = hashlib.sha512()
@@ -145,7 +164,7 @@ def test_large_upload_streams_without_growing_memory(glance: Glance, sidecar: Si
                 n = min(len(buf), len(block), size - self.sent)
                 offset = self.sent % len(block)
                 n = min(n, len(block) - offset)
-                buf[:n] = block[offset:offset + n]
+                buf[:n] = block[offset : offset + n]
                 self.sent += n
                 return n
 

@@ -1,4 +1,4 @@
-"""Downloads through the sidecar against the real glance-api: MISS, then HIT, with Glance's headers."""
+"""Downloads through the sidecar from the real glance-api: MISS, then HIT, with Glance's headers."""
 
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ def wait_for(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped
 def test_simultaneous_cold_callers_share_one_fetch(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(8 << 20)
     with Upstream(target=glance.url, faults=[Fault("throttle", rate=4 << 20, times=-1)]) as l2:
-        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
         callers = run_all([Caller(file_url(sidecar, image.id), ALICE) for _ in range(8)])
 
         fetches = l2.requests_for(image.id)
@@ -43,13 +45,17 @@ def test_simultaneous_cold_callers_share_one_fetch(glance: Glance, sidecar_facto
         assert statuses == ["JOINED"] * 7 + ["MISS"]
         assert sidecar.metric("cachenode_coalesced_requests_total") == 7
         assert sidecar.metric("cachenode_upstream_bytes_total", tier="regional") == len(image.data)
-        assert sidecar.metric("cachenode_served_bytes_total", tier="regional") == 8 * len(image.data)
+        assert sidecar.metric("cachenode_served_bytes_total", tier="regional") == 8 * len(
+            image.data
+        )
 
 
 def test_late_callers_join_mid_fill(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(8 << 20)
     with Upstream(target=glance.url, faults=[Fault("throttle", rate=4 << 20, times=-1)]) as l2:
-        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
         first = Caller(file_url(sidecar, image.id), ALICE)
         thread = start(first)
         wait_for(lambda: l2.bytes_for(image.id) > len(image.data) // 3)
@@ -65,15 +71,28 @@ def test_late_callers_join_mid_fill(glance: Glance, sidecar_factory) -> None:  #
 
 @pytest.mark.parametrize(
     "header",
-    ["bytes=0-0", "bytes=100-199", "bytes=1000-", "bytes=-500", "bytes=-99999999", "bytes=4194303-99999999",
-     "bytes=4194304-", "bytes=9-3", "bytes=abc", "bytes=0-1,5-6"],
-)  # fmt: skip
+    [
+        "bytes=0-0",
+        "bytes=100-199",
+        "bytes=1000-",
+        "bytes=-500",
+        "bytes=-99999999",
+        "bytes=4194303-99999999",
+        "bytes=4194304-",
+        "bytes=9-3",
+        "bytes=abc",
+        "bytes=0-1,5-6",
+    ],
+)
 def test_ranges_on_a_hit_answer_like_glance(glance: Glance, sidecar: Sidecar, header: str) -> None:
     image = glance.create_image(4 << 20)
     assert sidecar.get(image.id, ALICE).status_code == 200
     via = sidecar.get(image.id, ALICE, headers={"Range": header})
-    ref = requests.get(f"{glance.url}/v2/images/{image.id}/file", timeout=30,
-                       headers={"X-Auth-Token": ALICE, "Range": header})  # fmt: skip
+    ref = requests.get(
+        f"{glance.url}/v2/images/{image.id}/file",
+        timeout=30,
+        headers={"X-Auth-Token": ALICE, "Range": header},
+    )
     assert via.status_code == ref.status_code
     if ref.status_code == 206:
         assert via.headers["Content-Range"] == ref.headers["Content-Range"]
@@ -90,7 +109,9 @@ def test_range_on_an_image_not_yet_local(glance: Glance, sidecar_factory) -> Non
     image = glance.create_image(8 << 20)
     size = len(image.data)
     with Upstream(target=glance.url, faults=[Fault("throttle", rate=2 << 20, times=-1)]) as l2:
-        sidecar = sidecar_factory(tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]).start()
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
         tail = sidecar.get(image.id, ALICE, headers={"Range": f"bytes={size - 1000}-"})
         assert tail.status_code == 206 and tail.content == image.data[-1000:]
         assert tail.headers["Content-Range"] == f"bytes {size - 1000}-{size - 1}/{size}"

@@ -1,4 +1,4 @@
-"""Bad bytes never become a clean body (SPEC §3 Integrity), and failover gives one uninterrupted body."""
+"""Bad bytes never become a clean body, and failover gives one uninterrupted body (SPEC §3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from tests.support.glance import ALICE, Glance
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
 
-
 GLANCE_CLI = str(Path(sys.executable).parent / "glance")
 
 
@@ -29,12 +28,19 @@ def url(sidecar: Sidecar, image_id: str) -> str:
     return f"{sidecar.url}/v2/images/{image_id}/file"
 
 
-def test_a_flipped_byte_cuts_every_caller_and_commits_nothing(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_flipped_byte_cuts_every_caller_and_commits_nothing(
+    glance: Glance, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(6 << 20)
     flip = Fault("flip", at=(3 << 20) + 12345, times=-1)
     throttle = Fault("throttle", rate=8 << 20, times=-1)  # long enough for every caller to join
-    with Upstream(target=glance.url, faults=[flip, throttle]) as bad, Upstream(target=glance.url) as good:
-        sidecar = sidecar_factory(tiers=[glance_tier("regional", bad.url), glance_tier("central", good.url)]).start()
+    with (
+        Upstream(target=glance.url, faults=[flip, throttle]) as bad,
+        Upstream(target=glance.url) as good,
+    ):
+        sidecar = sidecar_factory(
+            tiers=[glance_tier("regional", bad.url), glance_tier("central", good.url)]
+        ).start()
         callers = run_all([Caller(url(sidecar, image.id), ALICE) for _ in range(5)])
         for caller in callers:
             assert caller.status == 200
@@ -53,22 +59,36 @@ def test_a_flipped_byte_cuts_every_caller_and_commits_nothing(glance: Glance, si
         assert [b.name for b in sidecar.blobs()] == [image.id]
 
 
-def test_glanceclient_reports_an_error_not_a_corrupt_image(glance: Glance, sidecar_factory,
-                                                          tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_glanceclient_reports_an_error_not_a_corrupt_image(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     by_cli, by_api = glance.create_image(2 << 20), glance.create_image(2 << 20)
     with Upstream(target=glance.url, faults=[Fault("flip", at=1000, times=-1)]) as bad:
         sidecar = sidecar_factory(tiers=[glance_tier("regional", bad.url)]).start()
 
         out = tmp_path / "out.raw"
-        cli = subprocess.run([GLANCE_CLI, "--os-image-url", sidecar.url, "--os-auth-token", ALICE,
-                              "image-download", "--file", str(out), by_cli.id],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        cli = subprocess.run(
+            [
+                GLANCE_CLI,
+                "--os-image-url",
+                sidecar.url,
+                "--os-auth-token",
+                ALICE,
+                "image-download",
+                "--file",
+                str(out),
+                by_cli.id,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode != 0
         assert not out.exists() or out.read_bytes() != by_cli.data
 
         session = ks_session.Session(auth=token_endpoint.Token(sidecar.url, ALICE))
         client = glanceclient.Client("2", session=session, endpoint_override=sidecar.url)
-        with pytest.raises(Exception) as failure:  # noqa: B017 - any error will do, success will not
+        with pytest.raises(Exception) as failure:
             b"".join(client.images.data(by_api.id))
         # Cut before the end: glanceclient never got a whole body to find a bad hash in.
         assert "Corrupt image download" not in str(failure.value)
@@ -84,10 +104,12 @@ def test_glanceclient_reports_an_error_not_a_corrupt_image(glance: Glance, sidec
 def test_an_oversized_body_is_an_integrity_failure(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(4 << 20)
     with Upstream(blobs={image.id: image.data + b"trailing garbage"}) as mirror:
-        sidecar = sidecar_factory(tiers=[
-            {"name": "mirror", "kind": "http", "url": mirror.url},
-            glance_tier("central", glance.url),
-        ]).start()  # fmt: skip
+        sidecar = sidecar_factory(
+            tiers=[
+                {"name": "mirror", "kind": "http", "url": mirror.url},
+                glance_tier("central", glance.url),
+            ]
+        ).start()
         first = Caller(url(sidecar, image.id), ALICE)
         first.run()
         # Cut mid-body, or refused outright when the excess came before any byte was sent.
@@ -100,15 +122,21 @@ def test_an_oversized_body_is_an_integrity_failure(glance: Glance, sidecar_facto
 
 
 @pytest.mark.parametrize("fault", ["reset", "truncate", "stall"])
-def test_failover_resumes_at_the_offset_reached(glance: Glance, sidecar_factory, fault: str) -> None:  # type: ignore[no-untyped-def]
+def test_failover_resumes_at_the_offset_reached(
+    glance: Glance, sidecar_factory, fault: str
+) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(6 << 20)
     at = (2 << 20) + 777
-    with Upstream(target=glance.url, faults=[Fault(fault, at=at, seconds=30)]) as first, \
-            Upstream(target=glance.url) as second:  # fmt: skip
-        sidecar = sidecar_factory(tiers=[
-            glance_tier("regional", first.url, read_timeout="1s"),
-            glance_tier("central", second.url),
-        ]).start()  # fmt: skip
+    with (
+        Upstream(target=glance.url, faults=[Fault(fault, at=at, seconds=30)]) as first,
+        Upstream(target=glance.url) as second,
+    ):
+        sidecar = sidecar_factory(
+            tiers=[
+                glance_tier("regional", first.url, read_timeout="1s"),
+                glance_tier("central", second.url),
+            ]
+        ).start()
         started = time.monotonic()
         caller = Caller(url(sidecar, image.id), ALICE)
         caller.run()
@@ -131,10 +159,12 @@ def test_failover_resumes_at_the_offset_reached(glance: Glance, sidecar_factory,
 def test_failover_to_an_http_tier_and_from_a_dead_one(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(3 << 20)
     with Upstream(blobs={image.id: image.data}) as mirror:
-        sidecar = sidecar_factory(tiers=[
-            glance_tier("dead", "http://127.0.0.1:9", connect_timeout="1s"),
-            {"name": "mirror", "kind": "http", "url": mirror.url + "/{image_id}"},
-        ]).start()  # fmt: skip
+        sidecar = sidecar_factory(
+            tiers=[
+                glance_tier("dead", "http://127.0.0.1:9", connect_timeout="1s"),
+                {"name": "mirror", "kind": "http", "url": mirror.url + "/{image_id}"},
+            ]
+        ).start()
         resp = sidecar.get(image.id, ALICE)
         assert resp.status_code == 200 and resp.content == image.data
         assert resp.headers["X-Cachenode-Tier"] == "mirror"

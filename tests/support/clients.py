@@ -26,8 +26,12 @@ class Caller:
     def run(self) -> None:
         digest = hashlib.sha512()
         try:
-            with requests.get(self.url, headers={"X-Auth-Token": self.token, **self.headers},
-                              stream=True, timeout=120) as resp:  # fmt: skip
+            with requests.get(
+                self.url,
+                headers={"X-Auth-Token": self.token, **self.headers},
+                stream=True,
+                timeout=120,
+            ) as resp:
                 self.status = resp.status_code
                 self.response_headers = dict(resp.headers)
                 for chunk in resp.iter_content(1 << 16):

@@ -39,7 +39,9 @@ class Image:
 class Glance:
     """A real glance-api on 127.0.0.1, started by tests/testbed/start-glance.sh."""
 
-    def __init__(self, base: Path, flavor: str = "fakeauth+caching", env: dict[str, str] | None = None):
+    def __init__(
+        self, base: Path, flavor: str = "fakeauth+caching", env: dict[str, str] | None = None
+    ):
         self.base = base
         self.flavor = flavor
         self.env = env or {}
@@ -47,8 +49,12 @@ class Glance:
 
     def start(self) -> Glance:
         env = {**os.environ, "GLANCE_FLAVOR": self.flavor, **self.env}
-        subprocess.run([str(TESTBED / "start-glance.sh"), str(self.base)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [str(TESTBED / "start-glance.sh"), str(self.base)],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         for line in (self.base / "env.sh").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             if key == "GLANCE_URL":
@@ -70,23 +76,36 @@ class Glance:
         self, size: int = 4 << 20, token: str = ALICE, data: bytes | None = None, **props: Any
     ) -> Image:
         data = os.urandom(size) if data is None else data
-        body = {"name": f"test-{time.monotonic_ns()}", "disk_format": "raw",
-                "container_format": "bare", **props}  # fmt: skip
+        body = {
+            "name": f"test-{time.monotonic_ns()}",
+            "disk_format": "raw",
+            "container_format": "bare",
+            **props,
+        }
         r = self.api("POST", "/v2/images", token, json=body)
         r.raise_for_status()
         image_id = r.json()["id"]
-        r = self.api("PUT", f"/v2/images/{image_id}/file", token, data=io.BytesIO(data),
-                     headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        r = self.api(
+            "PUT",
+            f"/v2/images/{image_id}/file",
+            token,
+            data=io.BytesIO(data),
+            headers={"Content-Type": "application/octet-stream"},
+        )
         r.raise_for_status()
         return Image(image_id, data)
 
     def share(self, image_id: str, project: str, token: str = ALICE) -> None:
-        self.api("PATCH", f"/v2/images/{image_id}", token, json=[
-            {"op": "replace", "path": "/visibility", "value": "shared"}],
+        self.api(
+            "PATCH",
+            f"/v2/images/{image_id}",
+            token,
+            json=[{"op": "replace", "path": "/visibility", "value": "shared"}],
             headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
-        ).raise_for_status()  # fmt: skip
-        self.api("POST", f"/v2/images/{image_id}/members", token,
-                 json={"member": project}).raise_for_status()  # fmt: skip
+        ).raise_for_status()
+        self.api(
+            "POST", f"/v2/images/{image_id}/members", token, json={"member": project}
+        ).raise_for_status()
 
     def unshare(self, image_id: str, project: str, token: str = ALICE) -> None:
         self.api("DELETE", f"/v2/images/{image_id}/members/{project}", token).raise_for_status()

@@ -1,4 +1,4 @@
-"""cachenode itself, run as users run it: ``python -m cachenode serve -c FILE`` in its own process."""
+"""cachenode itself, run as users run it: ``python -m cachenode serve -c FILE``, its own process."""
 
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ class Sidecar:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cachenode", "serve", "-c", str(self.config_path)],
-                stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -87,7 +89,9 @@ class Sidecar:
     def get(self, image_id: str, token: str | None, **kw: Any) -> requests.Response:
         headers = {"X-Auth-Token": token} if token else {}
         headers.update(kw.pop("headers", {}))
-        return requests.get(f"{self.url}/v2/images/{image_id}/file", headers=headers, timeout=120, **kw)
+        return requests.get(
+            f"{self.url}/v2/images/{image_id}/file", headers=headers, timeout=120, **kw
+        )
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = requests.get(self.admin_url + "/metrics", timeout=10).text

@@ -1,9 +1,10 @@
 """An upstream of our own, for faults real services will not produce on demand.
 
-``Upstream`` is an HTTP server on 127.0.0.1 that either serves images itself (``blobs``: the ``http``
-tier kind, honouring Range) or forwards to a real glance-api (``target``: a ``glance`` tier whose
-bytes we can break). Either way it counts what it was asked and what it sent, and applies ``Fault``s
-to the bytes at absolute image offsets: flip a byte, end early, reset, stall, throttle.
+``Upstream`` is an HTTP server on 127.0.0.1 that either serves images itself (``blobs``: the
+``http`` tier kind, honouring Range) or forwards to a real glance-api (``target``: a ``glance``
+tier whose bytes we can break). Either way it counts what it was asked and what it sent, and
+applies ``Fault``s to the bytes at absolute image offsets: flip a byte, end early, reset, stall,
+throttle.
 
 It runs its own event loop in a thread, so synchronous tests can use it as a plain object.
 """
@@ -135,9 +136,12 @@ class Upstream:
         return resp
 
     async def _forward(self, request: web.Request, served: Served) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "connection")}
-        async with self._session.request(request.method, self.target + request.path_qs,
-                                         headers=headers) as up:  # fmt: skip
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "connection")
+        }
+        async with self._session.request(
+            request.method, self.target + request.path_qs, headers=headers
+        ) as up:
             served.origin_headers = dict(up.headers)
             resp = web.StreamResponse(status=up.status)
             for name in ("Content-Type", "Content-MD5", "Content-Range", "Content-Length"):
@@ -166,7 +170,7 @@ class Upstream:
                         await resp.write(head)
                         served.bytes += len(head)
                         offset += len(head)
-                        data = data[len(head):]
+                        data = data[len(head) :]
                     if fault.kind == "truncate":
                         request.transport.close()
                         return
@@ -193,7 +197,7 @@ class Upstream:
 
 async def _chunks(blob: bytes, start: int, end: int, size: int):  # type: ignore[no-untyped-def]
     for i in range(start, end, size):
-        yield blob[i: min(end, i + size)]
+        yield blob[i : min(end, i + size)]
 
 
 def _reset(transport: asyncio.BaseTransport) -> None:

@@ -16,10 +16,24 @@ import webob.dec
 import webob.exc
 
 IDENTITY_HEADERS = (
-    "X-Identity-Status", "X-User-Id", "X-User", "X-User-Name", "X-Project-Id", "X-Tenant-Id",
-    "X-Tenant", "X-Project-Name", "X-Roles", "X-Role", "X-Service-Catalog", "X-Domain-Id",
-    "X-User-Domain-Id", "X-Project-Domain-Id", "X-Is-Admin-Project", "X-Service-Identity-Status",
-    "X-Service-Roles", "X-System-Scope",
+    "X-Identity-Status",
+    "X-User-Id",
+    "X-User",
+    "X-User-Name",
+    "X-Project-Id",
+    "X-Tenant-Id",
+    "X-Tenant",
+    "X-Project-Name",
+    "X-Roles",
+    "X-Role",
+    "X-Service-Catalog",
+    "X-Domain-Id",
+    "X-User-Domain-Id",
+    "X-Project-Domain-Id",
+    "X-Is-Admin-Project",
+    "X-Service-Identity-Status",
+    "X-Service-Roles",
+    "X-System-Scope",
 )
 
 
@@ -46,10 +60,15 @@ class FakeAuth:
             if len(parts) != 3 or not all(parts) or self.revoked(token):
                 return webob.exc.HTTPUnauthorized(explanation="fakeauth: invalid or revoked token")
             user, project, roles = parts
-            req.headers.update({
-                "X-Identity-Status": "Confirmed", "X-User-Id": user, "X-Project-Id": project,
-                "X-Tenant-Id": project, "X-Roles": roles,
-            })
+            req.headers.update(
+                {
+                    "X-Identity-Status": "Confirmed",
+                    "X-User-Id": user,
+                    "X-Project-Id": project,
+                    "X-Tenant-Id": project,
+                    "X-Roles": roles,
+                }
+            )
         return req.get_response(self.app)
 
 

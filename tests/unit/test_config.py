@@ -30,7 +30,9 @@ def test_minimal_config_uses_glance_as_the_only_tier() -> None:
     cfg = parse_config(config())
     assert cfg.listen == ("127.0.0.1", 9393)
     assert cfg.admin_listen == ("127.0.0.1", 9394)
-    assert [(t.name, t.kind, t.url) for t in cfg.tiers] == [("glance", "glance", "http://glance.example:9292")]
+    assert [(t.name, t.kind, t.url) for t in cfg.tiers] == [
+        ("glance", "glance", "http://glance.example:9292")
+    ]
     assert cfg.authz_ttl == 60
     assert cfg.policy.name == "default"
 
@@ -38,18 +40,26 @@ def test_minimal_config_uses_glance_as_the_only_tier() -> None:
 def test_full_config_of_the_spec_parses(tmp_path: Path) -> None:
     token = tmp_path / "service.token"
     token.write_text("svc:svc:admin\n")
-    cfg = parse_config(config(
-        listen="127.0.0.1:9393",
-        authz={"ttl": "60s", "stale_if_error": "5m"},
-        cache={"dir": "/var/lib/cachenode", "policy": "golden-images"},
-        tiers=[
-            {"name": "regional", "kind": "glance", "url": "http://glance-cache.region:9292"},
-            {"name": "mirror", "kind": "http", "url": "http://mirror.region/images/{image_id}",
-             "parallel": 4, "chunk_size": "64MiB", "read_timeout": "10s"},
-        ],
-        admin={"listen": "127.0.0.1:9394"},
-        service_auth={"token_file": str(token)},
-    ))  # fmt: skip
+    cfg = parse_config(
+        config(
+            listen="127.0.0.1:9393",
+            authz={"ttl": "60s", "stale_if_error": "5m"},
+            cache={"dir": "/var/lib/cachenode", "policy": "golden-images"},
+            tiers=[
+                {"name": "regional", "kind": "glance", "url": "http://glance-cache.region:9292"},
+                {
+                    "name": "mirror",
+                    "kind": "http",
+                    "url": "http://mirror.region/images/{image_id}",
+                    "parallel": 4,
+                    "chunk_size": "64MiB",
+                    "read_timeout": "10s",
+                },
+            ],
+            admin={"listen": "127.0.0.1:9394"},
+            service_auth={"token_file": str(token)},
+        )
+    )
     assert cfg.authz_stale_if_error == 300
     assert [t.name for t in cfg.tiers] == ["regional", "mirror"]
     assert cfg.tiers[1].chunk_size == 64 << 20 and cfg.tiers[1].read_timeout == 10
@@ -61,34 +71,58 @@ def test_full_config_of_the_spec_parses(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        (config(tiers=[{"name": "a", "kind": "glance", "url": "http://x"},
-                       {"name": "b", "kind": "http", "url": "ftp://x"}]),
-         "tiers[1].url: not an http(s) URL"),
+        (
+            config(
+                tiers=[
+                    {"name": "a", "kind": "glance", "url": "http://x"},
+                    {"name": "b", "kind": "http", "url": "ftp://x"},
+                ]
+            ),
+            "tiers[1].url: not an http(s) URL",
+        ),
         (config(listen="nowhere"), "listen: expected host:port"),
         (config(listen="127.0.0.1:99999"), "listen: port must be between 1 and 65535"),
         (config(authz={"ttl": "soon"}), "authz.ttl: not a duration"),
         (config(authz={"ttl": -3}), "authz.ttl: a duration cannot be negative"),
         (config(authz={"tll": "5s"}), "authz.tll: unknown key"),
         (config(colour="blue"), "colour: unknown key"),
-        (config(tiers=[{"name": "a", "kind": "ftp", "url": "http://x"}]), "tiers[0].kind: must be one of"),
-        (config(tiers=[{"name": "a", "kind": "http", "url": "http://x", "chunk_size": "lots"}]),
-         "tiers[0].chunk_size: not a size"),
-        (config(tiers=[{"name": "a", "kind": "http", "url": "http://x", "parallel": "4"}]),
-         "tiers[0].parallel: expected a whole number"),
-        (config(tiers=[{"name": "a", "kind": "http", "url": "http://x"},
-                       {"name": "a", "kind": "http", "url": "http://y"}]),
-         "tiers[1].name: 'a' is used by an earlier tier"),
+        (
+            config(tiers=[{"name": "a", "kind": "ftp", "url": "http://x"}]),
+            "tiers[0].kind: must be one of",
+        ),
+        (
+            config(tiers=[{"name": "a", "kind": "http", "url": "http://x", "chunk_size": "lots"}]),
+            "tiers[0].chunk_size: not a size",
+        ),
+        (
+            config(tiers=[{"name": "a", "kind": "http", "url": "http://x", "parallel": "4"}]),
+            "tiers[0].parallel: expected a whole number",
+        ),
+        (
+            config(
+                tiers=[
+                    {"name": "a", "kind": "http", "url": "http://x"},
+                    {"name": "a", "kind": "http", "url": "http://y"},
+                ]
+            ),
+            "tiers[1].name: 'a' is used by an earlier tier",
+        ),
         (config(tiers={"name": "a"}), "tiers: expected a list"),
         (config(glance={}), "glance.url: missing"),
         (config(glance="http://x"), "glance: expected a mapping"),
         (config(cache={"dir": "relative/path"}), "cache.dir: must be an absolute path"),
-        (config(cache={"dir": "/x", "policy": "nonesuch"}), "cache.policy: no policy named 'nonesuch'"),
+        (
+            config(cache={"dir": "/x", "policy": "nonesuch"}),
+            "cache.policy: no policy named 'nonesuch'",
+        ),
         (config(admin={"listen": "127.0.0.1:9393"}), "admin.listen: must differ from listen"),
-        (config(service_auth={"token_file": "/nonexistent/token"}),
-         "service_auth.token_file: cannot read /nonexistent/token"),
+        (
+            config(service_auth={"token_file": "/nonexistent/token"}),
+            "service_auth.token_file: cannot read /nonexistent/token",
+        ),
         ([1, 2], "expected a mapping, got a list"),
     ],
-)  # fmt: skip
+)
 def test_bad_values_name_their_key(doc: object, message: str) -> None:
     assert message in error_of(doc)
 
@@ -115,13 +149,16 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cachenode", *args], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "cachenode", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_check_config_and_serve_exit_2_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config(tiers=[{"name": "x", "kind": "http", "url": "gopher://x"}])))
+    path.write_text(
+        yaml.safe_dump(config(tiers=[{"name": "x", "kind": "http", "url": "gopher://x"}]))
+    )
     for command in ("check-config", "serve"):
         result = run_cli(command, "-c", str(path))
         assert result.returncode == 2
@@ -135,8 +172,12 @@ def test_check_config_ok_and_env_default(tmp_path: Path) -> None:
     result = run_cli("check-config", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("config ok:")
-    env_result = subprocess.run([sys.executable, "-m", "cachenode", "check-config"], capture_output=True,
-                                text=True, env={"CACHENODE_CONFIG": str(path), "PATH": "/usr/bin"})  # fmt: skip
+    env_result = subprocess.run(
+        [sys.executable, "-m", "cachenode", "check-config"],
+        capture_output=True,
+        text=True,
+        env={"CACHENODE_CONFIG": str(path), "PATH": "/usr/bin"},
+    )
     assert env_result.returncode == 0, env_result.stderr
 
 

@@ -10,8 +10,10 @@ from cachenode.ranges import ByteRange, Unsatisfiable, resolve
 from cachenode.units import Size, parse_duration, parse_size
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("14d", 14 * 86400),
-                                               ("2h", 7200), ("250ms", 0.25), (10, 10)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("5m", 300), ("14d", 14 * 86400), ("2h", 7200), ("250ms", 0.25), (10, 10)],
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -22,9 +24,17 @@ def test_bad_durations(bad: object) -> None:
         parse_duration(bad)
 
 
-@pytest.mark.parametrize(("text", "size"), [("500MiB", Size(500 << 20)), ("200GiB", Size(200 << 30)),
-                                            ("1GB", Size(10**9)), (4096, Size(4096)), ("10%", Size(fraction=0.1)),
-                                            ("64 MiB", Size(64 << 20))])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("500MiB", Size(500 << 20)),
+        ("200GiB", Size(200 << 30)),
+        ("1GB", Size(10**9)),
+        (4096, Size(4096)),
+        ("10%", Size(fraction=0.1)),
+        ("64 MiB", Size(64 << 20)),
+    ],
+)
 def test_sizes(text: object, size: Size) -> None:
     assert parse_size(text, allow_percent=True) == size
 
