@@ -22,6 +22,13 @@ demo: $(VENV)/.installed testbed
 test: $(VENV)/.installed testbed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: $(VENV)/.installed testbed
+	@command -v nginx >/dev/null && command -v varnishd >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends nginx varnish curl; \
+	  service nginx stop 2>/dev/null; service varnish stop 2>/dev/null; true; }
+	$(PY) tests/bench/bench.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check cachenode tests
 	$(VENV)/bin/ruff format --check cachenode tests

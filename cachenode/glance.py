@@ -7,12 +7,14 @@ and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+import secrets
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -156,13 +158,54 @@ def relay_headers(headers: CIMultiDictProxy[str] | Mapping[str, str]) -> CIMulti
     return out
 
 
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    """Concurrent calls with the same key share one execution and its outcome.
+
+    A herd of boots asks Glance the same question (same token, same image) at the same instant;
+    it is asked once. Each waiter is shielded: one caller going away does not cancel the call the
+    others wait for.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, asyncio.Future[T]] = {}
+
+    async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
+        future = self._calls.get(key)
+        if future is None:
+            future = asyncio.ensure_future(call())
+            self._calls[key] = future
+            future.add_done_callback(lambda f: self._finished(key, f))
+        return await asyncio.shield(future)
+
+    def _finished(self, key: Hashable, future: asyncio.Future[T]) -> None:
+        self._calls.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved here, so that no waiter left means no warning
+
+
 class GlanceClient:
     def __init__(self, session: aiohttp.ClientSession, url: str, timeout: float) -> None:
         self.session = session
         self.url = url
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._key = secrets.token_bytes(32)
+        self._probes: SingleFlight[Permit | None] = SingleFlight()
+        self._images: SingleFlight[ImageInfo] = SingleFlight()
 
     async def probe(self, image_id: str, creds: Credentials) -> Permit | None:
+        """Whether ``creds`` may download the image (see ``_probe``); identical calls coalesce."""
+        key = (creds.digest(self._key), image_id)
+        return await self._probes.run(key, lambda: self._probe(image_id, creds))
+
+    async def image(self, image_id: str, creds: Credentials) -> ImageInfo:
+        """The image record as the caller sees it; identical concurrent calls coalesce."""
+        key = (creds.digest(self._key), image_id)
+        return await self._images.run(key, lambda: self._image(image_id, creds))
+
+    async def _probe(self, image_id: str, creds: Credentials) -> Permit | None:
         """Ask Glance whether ``creds`` may download the image, without downloading it.
 
         A one-byte ranged GET of the image file goes through the same checks as a download
@@ -192,8 +235,7 @@ class GlanceClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
 
-    async def image(self, image_id: str, creds: Credentials) -> ImageInfo:
-        """The image record as the caller sees it."""
+    async def _image(self, image_id: str, creds: Credentials) -> ImageInfo:
         url = f"{self.url}/v2/images/{image_id}"
         try:
             async with self.session.get(

@@ -100,6 +100,8 @@ class Local:
 
     async def lookup(self, image_id: str) -> tuple[Entry, IO[bytes]] | None:
         """The entry and its open blob, or None. Records the hit for LRU/LFU."""
+        if image_id not in self._ids:
+            return None  # a miss costs no disk access
         return await self._run(self._lookup, image_id)
 
     def _lookup(self, image_id: str) -> tuple[Entry, IO[bytes]] | None:

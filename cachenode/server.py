@@ -12,9 +12,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -38,6 +39,7 @@ from cachenode.proxy import Proxy
 from cachenode.ranges import ByteRange, Unsatisfiable, resolve
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,6 +70,24 @@ class DataPlane:
         if "," in request.headers.get("Range", ""):
             return await self._bypass(request, "multi_range")  # Glance answers these (400)
         creds = Credentials.from_headers(request.headers)
+        record = None
+        if image_id not in self.local and self.fills.get(image_id) is None:
+            # Likely a miss, which needs the image record: ask for it while Glance authorizes.
+            record = _background(self.glance.image(image_id, creds))
+        try:
+            return await self._download(request, started, image_id, creds, record)
+        finally:
+            if record is not None:
+                record.cancel()
+
+    async def _download(
+        self,
+        request: web.Request,
+        started: float,
+        image_id: str,
+        creds: Credentials,
+        record: asyncio.Task[ImageInfo] | None,
+    ) -> web.StreamResponse:
         try:
             decision = await self.authz.authorize(image_id, creds)
         except GlanceRefused as exc:
@@ -85,7 +105,7 @@ class DataPlane:
                 raise GlanceUnavailable("glance is unreachable and the image is not in L1")
             fill, status = self.fills.get(image_id), "joined"
             if fill is None:
-                image = await self.glance.image(image_id, creds)
+                image = await (record or self.glance.image(image_id, creds))
                 if reason := self._uncacheable(image):
                     return await self._bypass(request, reason)
                 if image_id in self.local:
@@ -326,6 +346,13 @@ async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: i
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the caller went away")
     await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+
+
+def _background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task whose failure, if nobody awaits it, is dropped instead of logged as unretrieved."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 def _beyond(fill: Fill, end: int, sent: int) -> bool:

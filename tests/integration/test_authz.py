@@ -21,7 +21,7 @@ def direct(glance: Glance, image_id: str, token: str | None) -> requests.Respons
 def assert_refused_like_glance(
     glance: Glance, sidecar: Sidecar, image: Image, token: str | None, status: int
 ) -> None:
-    via = sidecar.get(image.id, token)
+    via = sidecar.get(image.id, token, settle=False)
     ref = direct(glance, image.id, token)
     assert (via.status_code, ref.status_code) == (status, status)
     assert via.content == ref.content  # Glance's own body, relayed unchanged
@@ -112,7 +112,7 @@ def test_joined_stream_needs_its_own_authorization(glance: Glance, sidecar_facto
         assert sidecar.partials(), "the fill did not start"
         assert_refused_like_glance(glance, sidecar, image, BOB, 404)
         assert_refused_like_glance(glance, sidecar, image, ALICE_READER, 403)
-        member = sidecar.get(image.id, CAROL)  # joins the running fill: allowed
+        member = sidecar.get(image.id, CAROL, settle=False)  # joins the running fill: allowed
         owner.join()
         assert member.status_code == 200 and member.content == image.data
         assert member.headers["X-Cachenode-Status"] == "JOINED"

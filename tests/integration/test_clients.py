@@ -80,6 +80,7 @@ def test_glance_cli_lifecycle_through_the_sidecar(
         downloaded = cli(sidecar, "image-download", "--file", str(out), image_id)
         assert downloaded.returncode == 0, downloaded.stderr
         assert out.read_bytes() == data
+        sidecar.settle()
     assert sidecar.metric("cachenode_requests_total", status="miss") == 1
     assert sidecar.metric("cachenode_requests_total", status="hit") == 1
 
@@ -98,6 +99,7 @@ def test_glanceclient_python_api(glance: Glance, sidecar: Sidecar) -> None:
     for _ in range(2):
         body = client.images.data(image.id)  # verifies os_hash_value at the end
         assert b"".join(body) == data
+        sidecar.settle()
     client.images.delete(image.id)
     assert glance.api("GET", f"/v2/images/{image.id}").status_code == 404
 
@@ -113,6 +115,7 @@ def test_openstacksdk_download_with_and_without_stream(glance: Glance, sidecar: 
     )
     whole = conn.image.download_image(image.id)  # verifies the hash before returning
     assert (whole.content if isinstance(whole, requests.Response) else whole) == image.data
+    sidecar.settle()
     streamed = conn.image.download_image(image.id, stream=True)
     assert b"".join(streamed.iter_content(1 << 16)) == image.data
     assert sidecar.metric("cachenode_requests_total", status="miss") == 1

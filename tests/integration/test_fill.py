@@ -112,7 +112,9 @@ def test_range_on_an_image_not_yet_local(glance: Glance, sidecar_factory) -> Non
         sidecar = sidecar_factory(
             tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
         ).start()
-        tail = sidecar.get(image.id, ALICE, headers={"Range": f"bytes={size - 1000}-"})
+        tail = sidecar.get(
+            image.id, ALICE, settle=False, headers={"Range": f"bytes={size - 1000}-"}
+        )
         assert tail.status_code == 206 and tail.content == image.data[-1000:]
         assert tail.headers["Content-Range"] == f"bytes {size - 1000}-{size - 1}/{size}"
         assert tail.headers["X-Cachenode-Status"] == "MISS"
@@ -122,7 +124,9 @@ def test_range_on_an_image_not_yet_local(glance: Glance, sidecar_factory) -> Non
         assert ranged == [f"bytes={size - 1000}-{size - 1}"]
 
         wait_for(lambda: l2.bytes_for(image.id) > 2 << 20)
-        head = sidecar.get(image.id, ALICE, headers={"Range": "bytes=0-99"})  # landed already
+        head = sidecar.get(
+            image.id, ALICE, settle=False, headers={"Range": "bytes=0-99"}
+        )  # landed already
         assert head.status_code == 206 and head.content == image.data[:100]
         assert head.headers["X-Cachenode-Status"] == "JOINED"
         assert len(l2.requests_for(image.id)) == 2

@@ -86,12 +86,26 @@ class Sidecar:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     # -- what it exposes
-    def get(self, image_id: str, token: str | None, **kw: Any) -> requests.Response:
+    def get(
+        self, image_id: str, token: str | None, settle: bool = True, **kw: Any
+    ) -> requests.Response:
+        """One download, then ``settle()`` unless told not to: a caller's body ends when the bytes
+        verified, before the fill's fsync and rename; tests that go on to expect a HIT wait."""
         headers = {"X-Auth-Token": token} if token else {}
         headers.update(kw.pop("headers", {}))
-        return requests.get(
-            f"{self.url}/v2/images/{image_id}/file", headers=headers, timeout=120, **kw
-        )
+        url = f"{self.url}/v2/images/{image_id}/file"
+        resp = requests.get(url, headers=headers, timeout=120, **kw)
+        if settle:
+            self.settle()
+        return resp
+
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until no fill is running (each has committed or failed)."""
+        deadline = time.monotonic() + timeout
+        while self.metric("cachenode_inflight_fills") > 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError("fills still running")
+            time.sleep(0.01)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = requests.get(self.admin_url + "/metrics", timeout=10).text
