@@ -359,7 +359,10 @@ def main() -> int:
             origin = median([r[0] for r in runs]) / SIZE
             first_byte = median([r[1] for r in runs]) * 1000
             slowest = median([r[2] for r in runs])
-            return f"origin sent {origin:.1f}x, first byte <= {first_byte:.0f} ms, slowest {slowest:.2f} s"
+            return (
+                f"origin sent {origin:.1f}x, first byte <= {first_byte:.0f} ms, "
+                f"slowest {slowest:.2f} s"
+            )
 
         rows.append(
             (
