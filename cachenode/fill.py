@@ -27,7 +27,9 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from cachenode.catalog import Entry
@@ -148,6 +150,64 @@ class Fill:
         if self.done and self.readers == 0 and self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
+
+
+class Sink:
+    """Writes chunks at their offsets and hashes them in image order, off the event loop.
+
+    Two single-thread executors, one writing (pwrite) and one hashing, each running its jobs in
+    the order given: the hash sees the bytes in order, and the event loop goes on receiving while
+    both work (a core each on a two-core host). At most DEPTH chunks are in flight; a chunk lands
+    (``on_landed``) when its write is done, in order.
+    """
+
+    DEPTH = 4
+
+    def __init__(
+        self,
+        fd: int,
+        algorithm: str,
+        write: Callable[[int, bytes, int], None],
+        on_landed: Callable[[int], None],
+    ) -> None:
+        self.fd = fd
+        self.hasher = hashlib.new(algorithm)
+        self._write = write
+        self._on_landed = on_landed
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fill-write")
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="fill-hash")
+        self._inflight: deque[tuple[asyncio.Future[None], asyncio.Future[None], int]] = deque()
+
+    async def put(self, data: bytes, offset: int) -> None:
+        loop = asyncio.get_running_loop()
+        written = loop.run_in_executor(self._writer, self._write, self.fd, data, offset)
+        hashed = loop.run_in_executor(self._hashing, self.hasher.update, data)
+        self._inflight.append((written, hashed, len(data)))
+        while len(self._inflight) > self.DEPTH:
+            await self._retire()
+
+    async def drain(self) -> None:
+        while self._inflight:
+            await self._retire()
+
+    async def _retire(self) -> None:
+        written, hashed, size = self._inflight[0]
+        try:
+            await written
+            await hashed
+        finally:
+            self._inflight.popleft()
+        self._on_landed(size)
+
+    def close(self) -> None:
+        """Stop both threads; jobs still queued (after a failure) are dropped."""
+        for pending in self._inflight:
+            for future in pending[:2]:
+                if future.done() and not future.cancelled():
+                    future.exception()  # the failure that stopped the fill was reported already
+                future.cancel()
+        self._writer.shutdown(wait=False, cancel_futures=True)
+        self._hashing.shutdown(wait=False, cancel_futures=True)
 
 
 class Fills:
@@ -272,61 +332,55 @@ class Fills:
 
     async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> Any:
         """Bytes from the tiers in order, resuming at the offset reached; returns the hasher."""
-        hasher = hashlib.new(fill.verifier[0])
-        loop = asyncio.get_running_loop()
         assert part.fd is not None
-        fd = part.fd
-
-        def absorb(data: bytes, offset: int) -> None:
-            # One executor hop writes the chunk where it belongs and hashes it; the event loop
-            # meanwhile receives the next chunk.
-            self.local.blobs.write(fd, data, offset)
-            hasher.update(data)
-
+        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.land)
         errors: list[str] = []
-        for tier in self.candidates(fill.image.id):
-            if fill.landed == fill.size:
-                break
-            try:
-                async with tier.open(fill.image, creds, fill.landed) as body:
-                    skip = fill.landed - body.offset
-                    async for chunk in body.chunks():
-                        if skip:
-                            cut = min(skip, len(chunk))
-                            chunk, skip = chunk[cut:], skip - cut
-                            if not chunk:
-                                continue
-                        if fill.landed + len(chunk) > fill.size:
-                            raise IntegrityError(
-                                fill.image.id,
-                                f"{tier.name} sent more than {fill.size} bytes",
-                                tuple(dict.fromkeys([*fill.contributors, tier.name])),
-                            )
-                        if tier.name not in fill.contributors:
-                            fill.contributors.append(tier.name)
-                        fill.tier = fill.tier or tier.name
-                        await loop.run_in_executor(None, absorb, chunk, fill.landed)
-                        self.metrics.upstream_bytes.labels(tier.name).inc(len(chunk))
-                        fill.land(len(chunk))
-                if fill.landed < fill.size:
-                    raise TierShortRead(
-                        tier.name, f"body ended at byte {fill.landed} of {fill.size}"
-                    )
-                self.tiers.succeeded(tier)
-            except TierError as exc:
-                self.tiers.failed(tier, exc)
-                errors.append(str(exc))
-                log.warning(
-                    "fill of %s: %s at byte %d; trying the next tier",
-                    fill.image.id,
-                    exc,
-                    fill.landed,
-                )
+        try:
+            for tier in self.candidates(fill.image.id):
+                if fill.landed == fill.size:
+                    break
+                try:
+                    await self._from_tier(fill, tier, creds, sink)
+                    self.tiers.succeeded(tier)
+                except TierError as exc:
+                    await sink.drain()  # what arrived before the error is good: keep it
+                    self.tiers.failed(tier, exc)
+                    errors.append(str(exc))
+                    log.warning("fill of %s: %s at byte %d; trying the next tier",
+                                fill.image.id, exc, fill.landed)  # fmt: skip
+        finally:
+            sink.close()
         if fill.landed < fill.size:
-            raise FillFailed(
-                f"no tier delivered {fill.image.id}: " + "; ".join(errors or ["no tiers"])
-            )
-        return hasher
+            raise FillFailed(f"no tier delivered {fill.image.id}: " + "; ".join(errors or ["none"]))
+        return sink.hasher
+
+    async def _from_tier(
+        self, fill: Fill, tier: Tier, creds: Credentials | None, sink: Sink
+    ) -> None:
+        """Append what ``tier`` sends from ``fill.landed`` on; TierError when it stops short."""
+        async with tier.open(fill.image, creds, fill.landed) as body:
+            offset = fill.landed
+            skip = offset - body.offset  # a tier that could only start at 0
+            async for chunk in body.chunks():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                if offset + len(chunk) > fill.size:
+                    raise IntegrityError(
+                        fill.image.id, f"{tier.name} sent more than {fill.size} bytes",
+                        tuple(dict.fromkeys([*fill.contributors, tier.name])),
+                    )  # fmt: skip
+                if tier.name not in fill.contributors:
+                    fill.contributors.append(tier.name)
+                fill.tier = fill.tier or tier.name
+                await sink.put(chunk, offset)
+                offset += len(chunk)
+                self.metrics.upstream_bytes.labels(tier.name).inc(len(chunk))
+        await sink.drain()
+        if fill.landed < fill.size:
+            raise TierShortRead(tier.name, f"body ended at byte {fill.landed} of {fill.size}")
 
     @staticmethod
     def _verify(fill: Fill, hasher: Any) -> None:

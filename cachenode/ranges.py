@@ -1,13 +1,19 @@
-"""Range arithmetic for one image (SPEC §3), pure functions over sizes.
+"""Range requests for one image (SPEC §3), answered exactly as Glance answers them.
 
-Parsing the header is aiohttp's (``request.http_range``); what is left here is what Glance decides
-once the image size is known: a single range is resolved to [start, end), a start at or past the
-end is unsatisfiable (416), a suffix longer than the image is the whole image.
+Glance parses ``Range`` with webob, which is laxer than RFC 9110 (and than aiohttp's parser):
+spaces are allowed around ``=`` and ``-``, anything after the first range spec is ignored, and
+``bytes=-0`` means the whole image. Clients must not notice the cache, so ``parse`` follows webob,
+and ``resolve`` does what Glance does once the size is known: a start at or past the end is
+unsatisfiable (416), a suffix longer than the image is the whole image. Several ranges are never
+parsed here: they go to Glance, which refuses them (400).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_RANGE = re.compile(r"bytes *= *(\d*) *- *(\d*)", re.IGNORECASE)
 
 
 class Unsatisfiable(ValueError):
@@ -25,6 +31,25 @@ class ByteRange:
 
     def content_range(self, size: int) -> str:
         return f"bytes {self.start}-{self.end - 1}/{size}"
+
+
+def parse(header: str) -> slice:
+    """``Range`` as Glance reads it: [start, stop) with a negative start for a suffix.
+
+    Raises ValueError for what Glance answers with 416 (malformed, or end before start).
+    """
+    m = _RANGE.match(header)
+    if not m or not (m.group(1) or m.group(2)):
+        raise ValueError(f"malformed Range: {header!r}")
+    first, last = m.group(1), m.group(2)
+    if not first:
+        return slice(-int(last), None)
+    start = int(first)
+    if not last:
+        return slice(start, None)
+    if start > int(last):
+        raise ValueError(f"Range ends before it starts: {header!r}")
+    return slice(start, int(last) + 1)
 
 
 def resolve(wanted: slice, size: int) -> ByteRange:

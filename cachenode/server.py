@@ -36,7 +36,8 @@ from cachenode.glance import Credentials, GlanceClient, ImageInfo, is_image_id
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.proxy import Proxy
-from cachenode.ranges import ByteRange, Unsatisfiable, resolve
+from cachenode.ranges import ByteRange, resolve
+from cachenode.ranges import parse as parse_range
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -275,8 +276,8 @@ class DataPlane:
         if "Range" not in request.headers:
             return None
         try:
-            return resolve(request.http_range, size)
-        except (ValueError, Unsatisfiable):
+            return resolve(parse_range(request.headers["Range"]), size)
+        except ValueError:  # Unsatisfiable too
             # Glance answers a malformed range with 416 too.
             self.metrics.requests.labels("error").inc()
             return _error(

@@ -82,6 +82,11 @@ def test_late_callers_join_mid_fill(glance: Glance, sidecar_factory) -> None:  #
         "bytes=9-3",
         "bytes=abc",
         "bytes=0-1,5-6",
+        "bytes=-0",
+        "bytes=99999999999999999999999-",
+        "items=0-1",
+        "bytes= 0-1",
+        "bytes=1-2junk",
     ],
 )
 def test_ranges_on_a_hit_answer_like_glance(glance: Glance, sidecar: Sidecar, header: str) -> None:

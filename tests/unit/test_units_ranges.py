@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachenode.ranges import ByteRange, Unsatisfiable, resolve
+from cachenode.ranges import ByteRange, Unsatisfiable, parse, resolve
 from cachenode.units import Size, parse_duration, parse_size
 
 
@@ -70,3 +70,27 @@ def test_resolved_ranges_stay_inside_the_image(size: int, start: int, length: in
     assert 0 <= rng.start < rng.end <= size
     assert rng.start == start
     assert rng.length == (size - start if stop is None else min(stop, size) - start)
+
+
+@pytest.mark.parametrize(
+    ("header", "wanted"),
+    [
+        ("bytes=0-0", slice(0, 1)),
+        ("bytes=5-", slice(5, None)),
+        ("bytes=-5", slice(-5, None)),
+        ("bytes=-0", slice(0, None)),  # webob: the whole image, not unsatisfiable
+        ("bytes = 1 - 2", slice(1, 3)),  # webob allows spaces
+        ("BYTES=1-2", slice(1, 3)),
+        ("bytes=1-2junk", slice(1, 3)),  # webob matches a prefix
+    ],
+)
+def test_parse_like_glance(header: str, wanted: slice) -> None:
+    assert parse(header) == wanted
+
+
+@pytest.mark.parametrize(
+    "header", ["", "bytes=", "bytes=-", "items=0-1", "bytes=5-1", "0-1", "bytes=a-b"]
+)
+def test_parse_rejects_like_glance(header: str) -> None:
+    with pytest.raises(ValueError):
+        parse(header)

@@ -1,0 +1,93 @@
+"""No worse than no cache: Glance down, callers gone, hostile input (SPEC §2)."""
+
+from __future__ import annotations
+
+import socket
+
+import requests
+
+from tests.support.glance import ALICE, BOB, Glance
+from tests.support.sidecar import Sidecar
+from tests.support.upstream import Fault, Upstream
+
+
+def test_stale_if_error_serves_recently_approved_hits_while_glance_is_down(
+    glance: Glance, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    cold = glance.create_image(1 << 20)
+    with Upstream(target=glance.url) as front:  # glance.url as the sidecar sees it; stopped below
+        image = glance.create_image(1 << 20)
+        strict = sidecar_factory(
+            "strict",
+            glance_url=front.url,
+            tiers=[{"name": "glance", "kind": "glance", "url": glance.url}],
+        ).start()
+        lenient = sidecar_factory(
+            "lenient",
+            glance_url=front.url,
+            authz={"ttl": "0s", "stale_if_error": "5m"},
+            tiers=[{"name": "glance", "kind": "glance", "url": glance.url}],
+        ).start()
+        for car in (strict, lenient):
+            assert car.get(image.id, ALICE).status_code == 200
+    # glance.url is down from here on.
+    served = lenient.get(image.id, ALICE)
+    assert served.status_code == 200 and served.content == image.data
+    assert served.headers["X-Cachenode-Status"] == "HIT"
+    assert lenient.metric("cachenode_authz_total", outcome="stale") == 1
+    for car, token, image_id in (
+        (strict, ALICE, image.id),
+        (lenient, BOB, image.id),
+        (lenient, ALICE, cold.id),
+    ):
+        refused = car.get(image_id, token)  # never approved, or not a hit: no bytes without Glance
+        assert refused.status_code == 503
+        assert image.data[:64] not in refused.content
+    assert lenient.metric("cachenode_authz_total", outcome="error") == 2
+
+
+def test_a_caller_that_leaves_does_not_stop_the_fill(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    image = glance.create_image(8 << 20)
+    with Upstream(target=glance.url, faults=[Fault("throttle", rate=8 << 20, times=-1)]) as l2:
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
+        with requests.get(
+            f"{sidecar.url}/v2/images/{image.id}/file",
+            headers={"X-Auth-Token": ALICE},
+            stream=True,
+            timeout=30,
+        ) as resp:
+            assert resp.status_code == 200
+            assert len(next(resp.iter_content(1 << 16))) > 0
+        sidecar.settle()
+        assert [b.name for b in sidecar.blobs()] == [image.id]
+        hit = sidecar.get(image.id, ALICE)
+        assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == image.data
+        assert len(l2.requests_for(image.id)) == 1
+
+
+def test_hostile_input_is_answered_and_harms_nothing(glance: Glance, sidecar: Sidecar) -> None:
+    image = glance.create_image(1 << 20)
+    assert sidecar.get(image.id, ALICE).status_code == 200
+    for path in (
+        "/v2/images/..%2F..%2Fetc%2Fpasswd/file",
+        "/v2/images/%00/file",
+        f"/v2/images/{image.id.upper()}/file",
+        "/v2/images//file",
+    ):
+        resp = requests.get(sidecar.url + path, headers={"X-Auth-Token": ALICE}, timeout=10)
+        assert resp.status_code in (400, 404), path  # Glance's answer, passed through
+    for token in ("\u00e9\u00e9:x:y", "a" * 8000, ":::", "alice:projA:"):
+        resp = sidecar.get(image.id, None, headers={"X-Auth-Token": token})
+        assert resp.status_code in (400, 401), token
+        assert image.data[:64] not in resp.content
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as raw:
+        raw.sendall(b"GET /v2/images/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert raw.recv(100).startswith((b"HTTP/1.1 4", b"HTTP/1.0 4"))
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as raw:
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.")
+    assert [b.name for b in sidecar.blobs()] == [image.id] and sidecar.partials() == []
+    again = sidecar.get(image.id, ALICE)  # still serving
+    assert again.status_code == 200 and again.headers["X-Cachenode-Status"] == "HIT"
