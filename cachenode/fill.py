@@ -49,7 +49,7 @@ from cachenode.tiers import Tier, TierSet
 log = logging.getLogger(__name__)
 
 
-ANNOUNCE_BYTES = 1 << 20
+ANNOUNCE_BYTES = 4 << 20
 ANNOUNCE_DELAY = 0.02
 
 
@@ -104,8 +104,8 @@ class Fill:
         """``nbytes`` more are on disk. Readers hear of it in steps, not on every chunk.
 
         Waking every reader for every 64 KiB that lands costs a herd of ten streams tens of
-        thousands of wake-ups a second; readers are woken when a MiB has gathered, or after at
-        most ANNOUNCE_DELAY, and at once for the first bytes (time to first byte).
+        thousands of wake-ups a second; readers are woken when ANNOUNCE_BYTES have gathered, or
+        after at most ANNOUNCE_DELAY, and at once for the first bytes (time to first byte).
         """
         self.landed += nbytes
         if self._announced == 0 or self.landed - self._announced >= ANNOUNCE_BYTES:
@@ -157,8 +157,8 @@ class Sink:
 
     Two single-thread executors, one writing (pwrite) and one hashing, each running its jobs in
     the order given: the hash sees the bytes in order, and the event loop goes on receiving while
-    both work (a core each on a two-core host). At most DEPTH chunks are in flight; a chunk lands
-    (``on_landed``) when its write is done, in order.
+    both work. A chunk lands (``on_landed``, in order) as soon as its write is done; at most DEPTH
+    chunks wait for either thread, which bounds the memory a fast tier can pin.
     """
 
     DEPTH = 4
@@ -176,36 +176,57 @@ class Sink:
         self._on_landed = on_landed
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fill-write")
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="fill-hash")
-        self._inflight: deque[tuple[asyncio.Future[None], asyncio.Future[None], int]] = deque()
+        self._writes: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._hashes: deque[asyncio.Future[None]] = deque()
+        self._error: BaseException | None = None
 
     async def put(self, data: bytes, offset: int) -> None:
+        self._check()
         loop = asyncio.get_running_loop()
         written = loop.run_in_executor(self._writer, self._write, self.fd, data, offset)
         hashed = loop.run_in_executor(self._hashing, self.hasher.update, data)
-        self._inflight.append((written, hashed, len(data)))
-        while len(self._inflight) > self.DEPTH:
-            await self._retire()
+        self._writes.append((written, len(data)))
+        self._hashes.append(hashed)
+        written.add_done_callback(self._land)
+        hashed.add_done_callback(self._unqueue)
+        while len(self._writes) > self.DEPTH or len(self._hashes) > self.DEPTH:
+            oldest = [self._writes[0][0]] if len(self._writes) > self.DEPTH else []
+            oldest += [self._hashes[0]] if len(self._hashes) > self.DEPTH else []
+            await asyncio.wait(oldest)
+            self._check()
 
     async def drain(self) -> None:
-        while self._inflight:
-            await self._retire()
+        """Wait until every chunk put so far is written and hashed."""
+        while self._writes or self._hashes:
+            await asyncio.wait([f for f, _ in self._writes] + list(self._hashes))
+        self._check()
 
-    async def _retire(self) -> None:
-        written, hashed, size = self._inflight[0]
-        try:
-            await written
-            await hashed
-        finally:
-            self._inflight.popleft()
-        self._on_landed(size)
+    def _land(self, _: object) -> None:
+        while self._writes and self._writes[0][0].done():
+            future, size = self._writes.popleft()
+            if self._record(future) and self._error is None:
+                self._on_landed(size)
+
+    def _unqueue(self, _: object) -> None:
+        while self._hashes and self._hashes[0].done():
+            self._record(self._hashes.popleft())
+
+    def _record(self, future: asyncio.Future[None]) -> bool:
+        if future.cancelled():
+            return False
+        if (exc := future.exception()) is not None:
+            self._error = self._error or exc
+            return False
+        return True
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         """Stop both threads; jobs still queued (after a failure) are dropped."""
-        for pending in self._inflight:
-            for future in pending[:2]:
-                if future.done() and not future.cancelled():
-                    future.exception()  # the failure that stopped the fill was reported already
-                future.cancel()
+        for future in [f for f, _ in self._writes] + list(self._hashes):
+            future.cancel()
         self._writer.shutdown(wait=False, cancel_futures=True)
         self._hashing.shutdown(wait=False, cancel_futures=True)
 
@@ -304,6 +325,10 @@ class Fills:
         except FillFailed as exc:
             self._fail(fill, exc)
             log.warning("fill of %s failed: %s", fill.image.id, exc)
+        except Exception as exc:
+            # A bug of ours: fail this fill loudly rather than leave its readers waiting.
+            log.exception("fill of %s crashed", fill.image.id)
+            self._fail(fill, FillFailed(f"internal error: {type(exc).__name__}"))
         except asyncio.CancelledError:
             self._fail(fill, FillFailed("shutting down"))
             if part is not None:

@@ -58,7 +58,7 @@ def curl(url: str, token: str | None = None) -> Fetch:
     ]
     if token:
         cmd += ["-H", f"X-Auth-Token: {token}"]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=False).stdout.split()
     return Fetch(int(out[0]), float(out[1]), float(out[2]), int(out[3]))
 
 

@@ -1,0 +1,74 @@
+"""The fill's sink: bytes land in order, the hash sees them in order, errors stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cachenode.blobs import BlobStore
+from cachenode.errors import StoreError
+from cachenode.fill import Sink
+
+
+def run_sink(
+    tmp_path: Path, chunks: list[bytes], write=BlobStore.write
+) -> tuple[list[int], str, bytes]:  # type: ignore[no-untyped-def]
+    path = tmp_path / "blob"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    landed: list[int] = []
+
+    async def main() -> str:
+        sink = Sink(fd, "sha512", write, landed.append)
+        try:
+            offset = 0
+            for chunk in chunks:
+                await sink.put(chunk, offset)
+                offset += len(chunk)
+            await sink.drain()
+            return str(sink.hasher.hexdigest())
+        finally:
+            sink.close()
+
+    try:
+        digest = asyncio.run(main())
+    finally:
+        os.close(fd)
+    return landed, digest, path.read_bytes()
+
+
+def test_many_chunks_land_in_order_and_hash_in_order(tmp_path: Path) -> None:
+    # Big chunks hash slower than they write: the hash queue outgrows the write queue.
+    chunks = [os.urandom(n) for n in [1, 17, 3] + [4 << 20] * 12]
+    landed, digest, on_disk = run_sink(tmp_path, chunks)
+    assert landed == [len(c) for c in chunks]
+    assert on_disk == b"".join(chunks)
+    assert digest == hashlib.sha512(on_disk).hexdigest()
+
+
+def test_slow_writes_do_not_reorder_landing(tmp_path: Path) -> None:
+    def slow_write(fd: int, data: bytes, offset: int) -> None:
+        time.sleep(0.01 if len(data) % 2 else 0)
+        BlobStore.write(fd, data, offset)
+
+    chunks = [os.urandom(1000 + i) for i in range(20)]
+    landed, _, on_disk = run_sink(tmp_path, chunks, slow_write)
+    assert landed == [len(c) for c in chunks]
+    assert on_disk == b"".join(chunks)
+
+
+def test_a_failed_write_stops_the_sink_and_lands_nothing_after_it(tmp_path: Path) -> None:
+    calls = []
+
+    def failing_write(fd: int, data: bytes, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise StoreError("write failed: No space left on device")
+        BlobStore.write(fd, data, offset)
+
+    with pytest.raises(StoreError, match="No space left"):
+        run_sink(tmp_path, [b"x" * 100] * 20, failing_write)
