@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import time
 
-from tests.support.clients import Caller, start
+from tests.support.clients import Caller, start, wait_for
 from tests.support.glance import ALICE, Glance
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
-
-
-def wait_for(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_kill_9_mid_fill_leaves_nothing_servable_and_restart_refills(

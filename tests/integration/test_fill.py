@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
-from tests.support.clients import Caller, run_all, start
+from tests.support.clients import Caller, run_all, start, wait_for
 from tests.support.glance import ALICE, Glance
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
@@ -15,13 +13,6 @@ from tests.support.upstream import Fault, Upstream
 
 def file_url(sidecar: Sidecar, image_id: str) -> str:
     return f"{sidecar.url}/v2/images/{image_id}/file"
-
-
-def wait_for(predicate, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_simultaneous_cold_callers_share_one_fetch(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
@@ -62,3 +63,11 @@ def start(caller: Caller) -> threading.Thread:
     thread = threading.Thread(target=caller.run)
     thread.start()
     return thread
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
