@@ -45,7 +45,7 @@ class BlobStore:
         """
         path = self.partial_dir / f"{image_id}.{secrets.token_hex(4)}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise StoreError(f"cannot create {path}: {exc.strerror}") from exc
         try:
@@ -61,7 +61,7 @@ class BlobStore:
 
     def _create_unreserved(self, path: Path) -> tuple[Path, int]:
         # Filesystems without fallocate (some tmpfs, NFS): write errors will surface instead.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         return path, fd
 
     @staticmethod

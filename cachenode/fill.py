@@ -23,14 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO
 
 from cachenode.catalog import Entry
 from cachenode.errors import (
@@ -38,12 +35,12 @@ from cachenode.errors import (
     FillFailed,
     IntegrityError,
     StoreError,
-    TierError,
-    TierShortRead,
 )
+from cachenode.fetch import Fetch, Provenance
 from cachenode.glance import Credentials, ImageInfo
 from cachenode.local import Local, Partial
 from cachenode.metrics import Metrics
+from cachenode.sink import Sink
 from cachenode.tiers import Tier, TierSet
 
 log = logging.getLogger(__name__)
@@ -70,8 +67,7 @@ class Fill:
         self.verified = False
         self.state = State.RUNNING
         self.error: CachenodeError | None = None
-        self.tier: str | None = None  # the tier that sent the first bytes
-        self.contributors: list[str] = []
+        self.provenance = Provenance()
         self.readers = 0
         self._read_fd: int | None = None
         self._changed = asyncio.Event()
@@ -82,6 +78,11 @@ class Fill:
     @property
     def done(self) -> bool:
         return self.state is not State.RUNNING
+
+    @property
+    def tier(self) -> str | None:
+        """The tier that sent the first bytes."""
+        return self.provenance.first
 
     @property
     def failed(self) -> bool:
@@ -100,14 +101,14 @@ class Fill:
             event = self._changed
             await event.wait()
 
-    def land(self, nbytes: int) -> None:
-        """``nbytes`` more are on disk. Readers hear of it in steps, not on every chunk.
+    def advance(self, landed: int) -> None:
+        """The first ``landed`` bytes are on disk. Readers hear of it in steps, not every chunk.
 
         Waking every reader for every 64 KiB that lands costs a herd of ten streams tens of
         thousands of wake-ups a second; readers are woken when ANNOUNCE_BYTES have gathered, or
         after at most ANNOUNCE_DELAY, and at once for the first bytes (time to first byte).
         """
-        self.landed += nbytes
+        self.landed = landed
         if self._announced == 0 or self.landed - self._announced >= ANNOUNCE_BYTES:
             self._notify()
         elif self._pending is None:
@@ -150,85 +151,6 @@ class Fill:
         if self.done and self.readers == 0 and self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
-
-
-class Sink:
-    """Writes chunks at their offsets and hashes them in image order, off the event loop.
-
-    Two single-thread executors, one writing (pwrite) and one hashing, each running its jobs in
-    the order given: the hash sees the bytes in order, and the event loop goes on receiving while
-    both work. A chunk lands (``on_landed``, in order) as soon as its write is done; at most DEPTH
-    chunks wait for either thread, which bounds the memory a fast tier can pin.
-    """
-
-    DEPTH = 4
-
-    def __init__(
-        self,
-        fd: int,
-        algorithm: str,
-        write: Callable[[int, bytes, int], None],
-        on_landed: Callable[[int], None],
-    ) -> None:
-        self.fd = fd
-        self.hasher = hashlib.new(algorithm)
-        self._write = write
-        self._on_landed = on_landed
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fill-write")
-        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="fill-hash")
-        self._writes: deque[tuple[asyncio.Future[None], int]] = deque()
-        self._hashes: deque[asyncio.Future[None]] = deque()
-        self._error: BaseException | None = None
-
-    async def put(self, data: bytes, offset: int) -> None:
-        self._check()
-        loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(self._writer, self._write, self.fd, data, offset)
-        hashed = loop.run_in_executor(self._hashing, self.hasher.update, data)
-        self._writes.append((written, len(data)))
-        self._hashes.append(hashed)
-        written.add_done_callback(self._land)
-        hashed.add_done_callback(self._unqueue)
-        while len(self._writes) > self.DEPTH or len(self._hashes) > self.DEPTH:
-            oldest = [self._writes[0][0]] if len(self._writes) > self.DEPTH else []
-            oldest += [self._hashes[0]] if len(self._hashes) > self.DEPTH else []
-            await asyncio.wait(oldest)
-            self._check()
-
-    async def drain(self) -> None:
-        """Wait until every chunk put so far is written and hashed."""
-        while self._writes or self._hashes:
-            await asyncio.wait([f for f, _ in self._writes] + list(self._hashes))
-        self._check()
-
-    def _land(self, _: object) -> None:
-        while self._writes and self._writes[0][0].done():
-            future, size = self._writes.popleft()
-            if self._record(future) and self._error is None:
-                self._on_landed(size)
-
-    def _unqueue(self, _: object) -> None:
-        while self._hashes and self._hashes[0].done():
-            self._record(self._hashes.popleft())
-
-    def _record(self, future: asyncio.Future[None]) -> bool:
-        if future.cancelled():
-            return False
-        if (exc := future.exception()) is not None:
-            self._error = self._error or exc
-            return False
-        return True
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        """Stop both threads; jobs still queued (after a failure) are dropped."""
-        for future in [f for f, _ in self._writes] + list(self._hashes):
-            future.cancel()
-        self._writer.shutdown(wait=False, cancel_futures=True)
-        self._hashing.shutdown(wait=False, cancel_futures=True)
 
 
 class Fills:
@@ -292,8 +214,8 @@ class Fills:
             fill._read_fd = await asyncio.get_running_loop().run_in_executor(
                 None, os.open, part.path, os.O_RDONLY | os.O_CLOEXEC
             )
-            hasher = await self._download(fill, part, creds)
-            self._verify(fill, hasher)
+            sink = await self._download(fill, part, creds)
+            self._verify(fill, sink.hexdigest())
             fill.verified = True
             fill._notify()
             await self.local.commit(part, self._entry(fill))
@@ -305,7 +227,7 @@ class Fills:
                 "filled %s: %d bytes from %s in %.2fs",
                 fill.image.id,
                 fill.size,
-                ",".join(fill.contributors),
+                ",".join(fill.provenance.tiers),
                 time.monotonic() - started,
             )
         except IntegrityError as exc:
@@ -355,67 +277,26 @@ class Fills:
     def _fail(fill: Fill, exc: CachenodeError) -> None:
         fill.error = exc
 
-    async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> Any:
-        """Bytes from the tiers in order, resuming at the offset reached; returns the hasher."""
+    async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> Sink:
+        """Every byte of the image into the partial file, from the tiers; returns the sink."""
         assert part.fd is not None
-        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.land)
-        errors: list[str] = []
+        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance)
+        fetch = Fetch(fill.image, fill.size, sink, self.tiers, self.candidates(fill.image.id),
+                      creds, self.metrics, fill.provenance)  # fmt: skip
         try:
-            for tier in self.candidates(fill.image.id):
-                if fill.landed == fill.size:
-                    break
-                try:
-                    await self._from_tier(fill, tier, creds, sink)
-                    self.tiers.succeeded(tier)
-                except TierError as exc:
-                    await sink.drain()  # what arrived before the error is good: keep it
-                    self.tiers.failed(tier, exc)
-                    errors.append(str(exc))
-                    log.warning("fill of %s: %s at byte %d; trying the next tier",
-                                fill.image.id, exc, fill.landed)  # fmt: skip
+            await fetch.run()
         finally:
             sink.close()
-        if fill.landed < fill.size:
-            raise FillFailed(f"no tier delivered {fill.image.id}: " + "; ".join(errors or ["none"]))
-        return sink.hasher
-
-    async def _from_tier(
-        self, fill: Fill, tier: Tier, creds: Credentials | None, sink: Sink
-    ) -> None:
-        """Append what ``tier`` sends from ``fill.landed`` on; TierError when it stops short."""
-        async with tier.open(fill.image, creds, fill.landed) as body:
-            offset = fill.landed
-            skip = offset - body.offset  # a tier that could only start at 0
-            async for chunk in body.chunks():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                    if not chunk:
-                        continue
-                if offset + len(chunk) > fill.size:
-                    raise IntegrityError(
-                        fill.image.id, f"{tier.name} sent more than {fill.size} bytes",
-                        tuple(dict.fromkeys([*fill.contributors, tier.name])),
-                    )  # fmt: skip
-                if tier.name not in fill.contributors:
-                    fill.contributors.append(tier.name)
-                fill.tier = fill.tier or tier.name
-                await sink.put(chunk, offset)
-                offset += len(chunk)
-                self.metrics.upstream_bytes.labels(tier.name).inc(len(chunk))
-        await sink.drain()
-        if fill.landed < fill.size:
-            raise TierShortRead(tier.name, f"body ended at byte {fill.landed} of {fill.size}")
+        return sink
 
     @staticmethod
-    def _verify(fill: Fill, hasher: Any) -> None:
+    def _verify(fill: Fill, digest: str) -> None:
         algo, expected = fill.verifier
-        digest = hasher.hexdigest()
         if digest != expected:
             raise IntegrityError(
                 fill.image.id,
                 f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}...",
-                tuple(fill.contributors),
+                tuple(fill.provenance.tiers),
             )
 
     @staticmethod

@@ -29,17 +29,23 @@ class Body(Protocol):
 
 class Tier(Protocol):
     config: TierConfig
+    ranged: bool  # honours Range: may be read in parallel pieces, and for a caller's range
 
     @property
     def name(self) -> str: ...
 
     def open(
-        self, image: ImageInfo, creds: Credentials | None, start: int = 0, end: int | None = None
+        self,
+        image: ImageInfo,
+        creds: Credentials | None,
+        start: int = 0,
+        end: int | None = None,
+        exact: bool = False,
     ) -> AbstractAsyncContextManager[Body]:
         """Bytes [start, end) of the image (to the end when ``end`` is None).
 
-        A tier that cannot start at ``start`` may deliver from 0 (``Body.offset`` says so) or
-        raise RangeNotSupported.
+        Unless ``exact``, a tier that cannot start at ``start`` may deliver from 0
+        (``Body.offset`` says so); with ``exact`` it raises RangeNotSupported instead.
         """
         ...
 

@@ -70,6 +70,9 @@ class HttpBody:
 class HttpSource:
     """An aiohttp session with the tier's timeouts, and the status-to-TierError table."""
 
+    ranged = True  # honours Range: parallel pieces and exact ranges may be asked of it
+    credentialed = False  # sends credentials of its own: never follows a redirect
+
     def __init__(self, config: TierConfig) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
@@ -97,20 +100,32 @@ class HttpSource:
 
     @asynccontextmanager
     async def get(
-        self, url: str, headers: Mapping[str, str], start: int, end: int | None
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        start: int,
+        end: int | None,
+        exact: bool = False,
     ) -> AsyncIterator[HttpBody]:
+        """GET ``url`` for bytes [start, end); ``exact``: a body from 0 is RangeNotSupported."""
         headers = dict(headers)
         ranged = start > 0 or end is not None
         if ranged:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
-            resp = await self.session.get(url, headers=headers, allow_redirects=True)
+            # Credentials never follow a redirect: only a credential-free tier may be redirected.
+            resp = await self.session.get(
+                url, headers=headers, allow_redirects=not self.credentialed
+            )
         except TimeoutError:
             raise TierUnavailable(self.name, "connect timed out", kind="timeout") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise TierUnavailable(self.name, f"{type(exc).__name__}", kind="connect") from None
         try:
-            yield HttpBody(self.name, resp, self._offset(resp, start, ranged))
+            offset = self._offset(resp, start, ranged)
+            if exact and offset != start:
+                raise RangeNotSupported(self.name, "answered a Range with the whole object")
+            yield HttpBody(self.name, resp, offset)
         finally:
             if resp.content.at_eof():
                 resp.release()
@@ -145,6 +160,11 @@ class HttpTier(HttpSource):
         return f"{self.config.url}/{image_id}"
 
     def open(
-        self, image: ImageInfo, creds: Credentials | None, start: int = 0, end: int | None = None
+        self,
+        image: ImageInfo,
+        creds: Credentials | None,
+        start: int = 0,
+        end: int | None = None,
+        exact: bool = False,
     ) -> AbstractAsyncContextManager[HttpBody]:
-        return self.get(self.url_for(image.id), {}, start, end)
+        return self.get(self.url_for(image.id), {}, start, end, exact)

@@ -12,6 +12,7 @@ It runs its own event loop in a thread, so synchronous tests can use it as a pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import struct
@@ -27,9 +28,9 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclass
 class Fault:
-    kind: str  # flip | truncate | reset | stall | throttle
+    kind: str  # flip | truncate | reset | stall | throttle | no_range (200, whole, to a Range)
     at: int = 0  # image offset where it strikes
-    times: int = 1  # how many responses it strikes (then it is spent); -1: every one
+    times: int = 1  # how often it strikes (at its offset; throttle: per response); -1: always
     seconds: float = 60.0  # stall length
     rate: float = 0.0  # throttle: bytes per second
 
@@ -117,7 +118,8 @@ class Upstream:
             served.status = 404
             return web.Response(status=404, text="no such image")
         start, end, status = 0, len(blob), 200
-        if served.range:
+        ignore_range = any(f.kind == "no_range" and self._strike(f) for f in self._live())
+        if served.range and not ignore_range:
             m = _RANGE.match(served.range)
             if not m or int(m.group(1)) >= len(blob):
                 served.status = 416
@@ -156,15 +158,24 @@ class Upstream:
             return resp
 
     async def _send(self, request, resp, served, chunks, offset) -> None:  # type: ignore[no-untyped-def]
-        faults = self._arm()
+        # The sidecar may hang up (it had what it needed, or gave up): nothing to do then.
+        with contextlib.suppress(ConnectionError):
+            await self._faulty(request, resp, served, chunks, offset)
+
+    async def _faulty(self, request, resp, served, chunks, offset) -> None:  # type: ignore[no-untyped-def]
+        faults = [f for f in self._live() if f.kind != "throttle" or self._strike(f)]
         async for data in chunks:
             for fault in faults:
                 lo, hi = offset, offset + len(data)
-                if fault.kind == "flip" and lo <= fault.at < hi:
+                if fault.kind == "throttle":
+                    await asyncio.sleep(len(data) / fault.rate)
+                elif not lo <= fault.at < hi or not self._strike(fault):
+                    continue
+                elif fault.kind == "flip":
                     buf = bytearray(data)
                     buf[fault.at - lo] ^= 0xFF
                     data = bytes(buf)
-                elif fault.kind in ("truncate", "reset", "stall") and lo <= fault.at < hi:
+                elif fault.kind in ("truncate", "reset", "stall"):
                     head = data[: fault.at - lo]
                     if head:
                         await resp.write(head)
@@ -178,21 +189,24 @@ class Upstream:
                         _reset(request.transport)
                         return
                     await asyncio.sleep(fault.seconds)
-                elif fault.kind == "throttle":
-                    await asyncio.sleep(len(data) / fault.rate)
             await resp.write(data)
             served.bytes += len(data)
             offset += len(data)
         await resp.write_eof()
         served.finished = time.monotonic()
 
-    def _arm(self) -> list[Fault]:
+    def _live(self) -> list[Fault]:
         with self._lock:
-            armed = [f for f in self.faults if f.times != 0]
-            for f in armed:
-                if f.times > 0:
-                    f.times -= 1
-            return armed
+            return [f for f in self.faults if f.times != 0]
+
+    def _strike(self, fault: Fault) -> bool:
+        """Spend one of the fault's ``times``; False when none is left."""
+        with self._lock:
+            if fault.times == 0:
+                return False
+            if fault.times > 0:
+                fault.times -= 1
+            return True
 
 
 async def _chunks(blob: bytes, start: int, end: int, size: int):  # type: ignore[no-untyped-def]

@@ -5,32 +5,35 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
 
 from cachenode.blobs import BlobStore
 from cachenode.errors import StoreError
-from cachenode.fill import Sink
+from cachenode.sink import Sink
 
 
 def run_sink(
-    tmp_path: Path, chunks: list[bytes], write=BlobStore.write
+    tmp_path: Path, chunks: list[bytes], write=BlobStore.write, order: list[int] | None = None
 ) -> tuple[list[int], str, bytes]:  # type: ignore[no-untyped-def]
+    """Put ``chunks`` (in ``order`` of their indexes, default in order); what landed, the hash."""
     path = tmp_path / "blob"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     landed: list[int] = []
+    offsets = list(accumulate([0] + [len(c) for c in chunks]))
 
     async def main() -> str:
         sink = Sink(fd, "sha512", write, landed.append)
         try:
-            offset = 0
-            for chunk in chunks:
-                await sink.put(chunk, offset)
-                offset += len(chunk)
+            for i in order or range(len(chunks)):
+                await sink.put(chunks[i], offsets[i])
             await sink.drain()
-            return str(sink.hasher.hexdigest())
+            assert sink.landed == offsets[-1]
+            return sink.hexdigest()
         finally:
             sink.close()
 
@@ -45,7 +48,7 @@ def test_many_chunks_land_in_order_and_hash_in_order(tmp_path: Path) -> None:
     # Big chunks hash slower than they write: the hash queue outgrows the write queue.
     chunks = [os.urandom(n) for n in [1, 17, 3] + [4 << 20] * 12]
     landed, digest, on_disk = run_sink(tmp_path, chunks)
-    assert landed == [len(c) for c in chunks]
+    assert landed == list(accumulate(len(c) for c in chunks))
     assert on_disk == b"".join(chunks)
     assert digest == hashlib.sha512(on_disk).hexdigest()
 
@@ -57,8 +60,24 @@ def test_slow_writes_do_not_reorder_landing(tmp_path: Path) -> None:
 
     chunks = [os.urandom(1000 + i) for i in range(20)]
     landed, _, on_disk = run_sink(tmp_path, chunks, slow_write)
-    assert landed == [len(c) for c in chunks]
+    assert landed == list(accumulate(len(c) for c in chunks))
     assert on_disk == b"".join(chunks)
+
+
+def test_out_of_order_pieces_land_as_a_prefix_and_hash_in_image_order(tmp_path: Path) -> None:
+    """Parallel ranges: pieces arrive in any order; landing is the written prefix; the hash is
+    of the image in order (read back from the file for the pieces that came early)."""
+    chunks = [os.urandom(n) for n in [3000, 1 << 20, 5, 700_000, 1 << 20, 64, 2 << 20, 9]]
+    for seed in range(5):
+        order = list(range(len(chunks)))
+        random.Random(seed).shuffle(order)
+        landed, digest, on_disk = run_sink(tmp_path, chunks, order=order)
+        assert on_disk == b"".join(chunks)
+        assert digest == hashlib.sha512(on_disk).hexdigest()
+        assert landed == sorted(landed) and landed[-1] == len(on_disk)
+        offsets = set(accumulate(len(c) for c in chunks))
+        assert set(landed) <= offsets  # only ever a boundary of written chunks
+        (tmp_path / "blob").unlink()
 
 
 def test_a_failed_write_stops_the_sink_and_lands_nothing_after_it(tmp_path: Path) -> None:

@@ -1,0 +1,120 @@
+"""Where a fill's bytes go: written at their offsets, hashed in image order, off the event loop.
+
+Bytes may arrive out of order (parallel ranged requests) but each byte is put exactly once. Two
+single-thread executors do the work, each in the order it is given: one writes (pwrite), one
+hashes. A chunk that continues the hashed prefix is hashed from memory as it arrives; bytes that
+arrived ahead of it are hashed later, read back from the file (the page cache) once the written
+prefix reaches them. ``landed`` is that written prefix: readers may send everything below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from cachenode.errors import StoreError
+from cachenode.spans import Spans
+
+READ_BACK = 1 << 20
+
+
+class Sink:
+    DEPTH = 8  # jobs waiting for the two threads; bounds the memory a fast tier can pin
+
+    def __init__(
+        self,
+        fd: int,
+        algorithm: str,
+        write: Callable[[int, bytes | memoryview, int], None],
+        on_landed: Callable[[int], None],
+    ) -> None:
+        self.fd = fd
+        self.hasher: Any = hashlib.new(algorithm)
+        self.landed = 0
+        self._write = write
+        self._on_landed = on_landed
+        self._written = Spans()
+        self._hashed_to = 0  # every byte below is hashed, or queued to be, in order
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fill-write")
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="fill-hash")
+        self._jobs: deque[asyncio.Future[None]] = deque()
+        self._error: BaseException | None = None
+
+    async def put(self, data: bytes | memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset``; waits only when too many jobs are queued."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        written = loop.run_in_executor(self._writer, self._write, self.fd, data, offset)
+        written.add_done_callback(partial(self._wrote, offset, offset + len(data)))
+        self._jobs.append(written)
+        if offset == self._hashed_to:
+            self._jobs.append(loop.run_in_executor(self._hashing, self.hasher.update, data))
+            self._hashed_to += len(data)
+        while len(self._jobs) > self.DEPTH:
+            await asyncio.wait([self._jobs[0]])
+            self._settle()
+        self._check()
+
+    async def drain(self) -> None:
+        """Wait until every byte put so far is written and hashed; raise what failed."""
+        while self._jobs:
+            await asyncio.wait(list(self._jobs))
+            self._settle()
+        self._check()
+
+    def hexdigest(self) -> str:
+        return str(self.hasher.hexdigest())
+
+    def _wrote(self, start: int, end: int, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or self._error is not None:
+            return
+        if (exc := future.exception()) is not None:
+            self._error = exc
+            return
+        self._written.add(start, end)
+        landed = self._written.end_of_run(0)
+        if landed <= self.landed:
+            return
+        self.landed = landed
+        if self._hashed_to < landed:
+            # Bytes that came ahead of the prefix: now the prefix has reached them.
+            job = asyncio.get_running_loop().run_in_executor(
+                self._hashing, self._read_back, self._hashed_to, landed
+            )
+            self._jobs.append(job)
+            self._hashed_to = landed
+        self._on_landed(landed)
+
+    def _read_back(self, start: int, end: int) -> None:
+        while start < end:
+            try:
+                data = os.pread(self.fd, min(READ_BACK, end - start), start)
+            except OSError as exc:
+                raise StoreError(f"cannot read back what was written: {exc.strerror}") from exc
+            if not data:
+                raise StoreError(f"the partial file ends at {start}, before {end}")
+            self.hasher.update(data)
+            start += len(data)
+
+    def _settle(self) -> None:
+        while self._jobs and self._jobs[0].done():
+            job = self._jobs.popleft()
+            if not job.cancelled() and (exc := job.exception()) is not None:
+                self._error = self._error or exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop both threads; jobs still queued (after a failure) are dropped."""
+        for job in self._jobs:
+            job.cancel()
+        self._writer.shutdown(wait=False, cancel_futures=True)
+        self._hashing.shutdown(wait=False, cancel_futures=True)
