@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -20,7 +20,7 @@ from cachenode.policy import Policy, load_policy
 from cachenode.units import parse_duration, parse_size
 
 DEFAULT_PATH = "/etc/cachenode/cachenode.yaml"
-TIER_KINDS = ("glance", "http")
+TIER_KINDS = ("glance", "swift", "http")
 _TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
@@ -56,6 +56,11 @@ class TierConfig:
     read_timeout: float = 30.0
     failures_before_cooldown: int = 3
     cooldown: float = 30.0
+    # kind swift: the object is <url>/<container>/<image id> unless Glance's locations name one
+    container: str = "glance"
+    temp_url_key_file: Path | None = None  # sign TempURLs with this account key ...
+    token_file: Path | None = None  # ... or send this token (re-read when the file changes)
+    temp_url_ttl: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -103,8 +108,32 @@ def _tier(path: str, data: object) -> TierConfig:
     )
     if tier.chunk_size < 2**20:
         raise ConfigError(s.key("chunk_size"), "must be at least 1MiB")
+    if kind == "glance" and tier.parallel > 1:
+        raise ConfigError(
+            s.key("parallel"), "a glance tier is read whole (its cache never serves a Range)"
+        )
+    if kind == "swift":
+        tier = _swift(s, tier)
     s.finish()
     return tier
+
+
+def _swift(s: v.Section, tier: TierConfig) -> TierConfig:
+    key = s.take("temp_url_key_file", v.readable_file, None)
+    token = s.take("token_file", v.readable_file, None)
+    if (key is None) == (token is None):
+        raise ConfigError(
+            s.key("temp_url_key_file"), "a swift tier needs one of temp_url_key_file or token_file"
+        )
+    ttl = s.take("temp_url_ttl", parse_duration, 300.0)
+    if not 1 <= ttl <= 86400:
+        raise ConfigError(s.key("temp_url_ttl"), "must be between 1s and 1d")
+    container = s.take("container", v.string, "glance")
+    if "/" in container:
+        raise ConfigError(s.key("container"), "a container name has no '/'")
+    return replace(
+        tier, container=container, temp_url_key_file=key, token_file=token, temp_url_ttl=ttl
+    )
 
 
 def parse_config(data: object) -> Config:

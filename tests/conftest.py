@@ -11,6 +11,11 @@ import pytest
 
 from tests.support.glance import TESTBED, Glance
 from tests.support.sidecar import Sidecar
+from tests.support.swift import Swift
+
+# glance_store writes an image uploaded without a length (chunked) as segments of this many MiB
+# plus a manifest; an image of known length below 5 GiB is one object.
+SWIFT_SEGMENTS = {"GLANCE_SWIFT_CHUNK_MB": "2"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -26,6 +31,33 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Glance]:
     bed = Glance(tmp_path_factory.mktemp("glance")).start()
     yield bed
     bed.stop()
+
+
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swift]:
+    """A real one-node Swift (tempauth, tempurl, memcached), shared by the session."""
+    subprocess.run([str(TESTBED / "install.sh")], check=True)
+    bed = Swift(tmp_path_factory.mktemp("swift")).start()
+    yield bed
+    bed.stop()
+
+
+@pytest.fixture(scope="session")
+def glance_swift(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Iterator[Glance]:
+    """A real glance-api that stores images in ``swift``, with its image cache on."""
+    bed = Glance(tmp_path_factory.mktemp("glance-swift"), env=SWIFT_SEGMENTS).start(swift.base)
+    yield bed
+    bed.stop()
+
+
+@pytest.fixture(scope="session")
+def temp_url_key(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Path:
+    """A file with the glance account's TempURL key, the key set on the account."""
+    path = tmp_path_factory.mktemp("keys") / "tempurl.key"
+    key = os.urandom(16).hex()
+    path.write_text(key + "\n")
+    swift.set_temp_url_key(key)
+    return path
 
 
 @pytest.fixture

@@ -98,6 +98,11 @@ class TierSet:
 def build_tier(config: TierConfig) -> Tier:
     from cachenode.tiers.glance import GlanceTier
     from cachenode.tiers.http import HttpTier
+    from cachenode.tiers.swift import SwiftTier
 
-    kinds: dict[str, Callable[[TierConfig], Tier]] = {"glance": GlanceTier, "http": HttpTier}
+    kinds: dict[str, Callable[[TierConfig], Tier]] = {
+        "glance": GlanceTier,
+        "http": HttpTier,
+        "swift": SwiftTier,
+    }
     return kinds[config.kind](config)

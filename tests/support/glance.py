@@ -47,14 +47,13 @@ class Glance:
         self.env = env or {}
         self.url = ""
 
-    def start(self) -> Glance:
+    def start(self, swift_base: Path | None = None) -> Glance:
+        """Start it; with ``swift_base``, its store is that test bed Swift."""
         env = {**os.environ, "GLANCE_FLAVOR": self.flavor, **self.env}
-        subprocess.run(
-            [str(TESTBED / "start-glance.sh"), str(self.base)],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
+        command = [str(TESTBED / "start-glance.sh"), str(self.base)]
+        if swift_base is not None:
+            command = [str(TESTBED / "start-glance-swift.sh"), str(self.base), str(swift_base)]
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         for line in (self.base / "env.sh").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             if key == "GLANCE_URL":
@@ -67,14 +66,25 @@ class Glance:
     def pid(self) -> int:
         return int((self.base / "uwsgi.pid").read_text())
 
+    def kill9(self) -> None:
+        """Kill every process of this glance-api at once, as a crash would (master and workers)."""
+        subprocess.run(["pkill", "-KILL", "-f", f"{self.base}/etc/uwsgi.ini"], check=False)
+
     # -- the Glance API, asked directly (not through the sidecar)
     def api(self, method: str, path: str, token: str = ALICE, **kw: Any) -> requests.Response:
         headers = {"X-Auth-Token": token, **kw.pop("headers", {})}
         return requests.request(method, self.url + path, headers=headers, timeout=120, **kw)
 
     def create_image(
-        self, size: int = 4 << 20, token: str = ALICE, data: bytes | None = None, **props: Any
+        self,
+        size: int = 4 << 20,
+        token: str = ALICE,
+        data: bytes | None = None,
+        chunked: bool = False,
+        **props: Any,
     ) -> Image:
+        """An active image of ``size`` random bytes; ``chunked`` uploads it without a length
+        (as glanceclient does), which Glance's swift store writes as segments and a manifest."""
         data = os.urandom(size) if data is None else data
         body = {
             "name": f"test-{time.monotonic_ns()}",
@@ -85,11 +95,16 @@ class Glance:
         r = self.api("POST", "/v2/images", token, json=body)
         r.raise_for_status()
         image_id = r.json()["id"]
+        body = (
+            (data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20))
+            if chunked
+            else io.BytesIO(data)
+        )
         r = self.api(
             "PUT",
             f"/v2/images/{image_id}/file",
             token,
-            data=io.BytesIO(data),
+            data=body,
             headers={"Content-Type": "application/octet-stream"},
         )
         r.raise_for_status()

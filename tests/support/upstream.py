@@ -28,7 +28,7 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclass
 class Fault:
-    kind: str  # flip | truncate | reset | stall | throttle | no_range (200, whole, to a Range)
+    kind: str  # flip | truncate | reset | stall | throttle | no_range (200 to a Range) | deny (403)
     at: int = 0  # image offset where it strikes
     times: int = 1  # how often it strikes (at its offset; throttle: per response); -1: always
     seconds: float = 60.0  # stall length
@@ -110,6 +110,9 @@ class Upstream:
         served = Served(request.method, request.path, request.headers.get("Range"))
         with self._lock:
             self.log.append(served)
+        if any(f.kind == "deny" and self._strike(f) for f in self._live()):
+            served.status = 403
+            return web.Response(status=403, text="denied")
         if self.target is not None:
             return await self._forward(request, served)
         image_id = request.path.rstrip("/").rsplit("/", 1)[-1]

@@ -7,6 +7,8 @@
 #   GLANCE_PORT      port (default: a free one)
 #   GLANCE_FLAVOR    fakeauth+caching (default: Glance's image cache on, as a regional L2) | fakeauth
 #   GLANCE_STORE_CONF  replaces the file store sections (the Swift test bed uses it)
+#   GLANCE_DB        sqlite file to use (default BASE/glance.sqlite): two glance-apis sharing one
+#                    database and one store are a central Glance and a regional one
 #   GLANCE_EXTRA_CONF  appended to glance-api.conf
 #
 # What the real service needs, found the hard way:
@@ -50,7 +52,7 @@ image_cache_max_size = 10737418240
 worker_self_reference_url = http://127.0.0.1:$PORT
 
 [database]
-connection = sqlite:///$BASE/glance.sqlite
+connection = sqlite:///${GLANCE_DB:-$BASE/glance.sqlite}
 
 [os_glance_staging_store]
 filesystem_store_datadir = $BASE/data/staging

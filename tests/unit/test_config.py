@@ -185,3 +185,20 @@ def test_shipped_policies_all_load() -> None:
     for name in ("default", "lru", "size-capped", "golden-images"):
         cfg = parse_config(config(cache={"dir": "/x", "policy": name}))
         assert cfg.policy.name == name
+
+
+def test_swift_tiers(tmp_path: Path) -> None:
+    key = tmp_path / "tempurl.key"
+    key.write_text("k\n")
+    swift = {"name": "objectstore", "kind": "swift", "url": "http://swift:8080/v1/AUTH_glance"}
+    cfg = parse_config(config(tiers=[{**swift, "temp_url_key_file": str(key), "parallel": 4}]))
+    tier = cfg.tiers[0]
+    assert (tier.container, tier.temp_url_key_file, tier.token_file) == ("glance", key, None)
+    assert tier.parallel == 4 and tier.temp_url_ttl == 300
+    assert "needs one of temp_url_key_file or token_file" in error_of(config(tiers=[swift]))
+    both = {**swift, "temp_url_key_file": str(key), "token_file": str(key)}
+    assert "tiers[0].temp_url_key_file: a swift tier needs one of" in error_of(config(tiers=[both]))
+    http = {"name": "m", "kind": "http", "url": "http://m", "container": "x"}
+    assert "tiers[0].container: unknown key" in error_of(config(tiers=[http]))
+    glance = {"name": "g", "kind": "glance", "url": "http://g", "parallel": 2}
+    assert "tiers[0].parallel: a glance tier is read whole" in error_of(config(tiers=[glance]))

@@ -1,0 +1,106 @@
+"""The object store tier (issue 3) against a real Swift and a real glance-api that stores in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+
+from tests.support.clients import Caller, wait_for
+from tests.support.glance import ALICE, Glance
+from tests.support.swift import Swift
+
+
+def swift_tier(swift: Swift, name: str = "objectstore", **extra: object) -> dict[str, object]:
+    return {"name": name, "kind": "swift", "url": swift.storage_url, **extra}
+
+
+def test_objects_and_manifests_through_a_temp_url(
+    glance_swift: Glance, swift: Swift, temp_url_key: Path, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    small = glance_swift.create_image(1 << 20)  # one object
+    large = glance_swift.create_image(9 << 20, chunked=True)  # segments plus a manifest
+    manifest = swift.head("glance", large.id)
+    assert "X-Object-Manifest" in manifest.headers or "X-Static-Large-Object" in manifest.headers
+    assert manifest.headers["Etag"].strip('"') != large.md5  # the manifest's ETag proves nothing
+    sidecar = sidecar_factory(
+        glance_url=glance_swift.url,
+        log_level="debug",
+        tiers=[
+            swift_tier(swift, temp_url_key_file=str(temp_url_key), parallel=3, chunk_size="2MiB")
+        ],
+    ).start()
+    for image in (small, large):
+        resp = sidecar.get(image.id, ALICE)
+        assert resp.status_code == 200 and resp.content == image.data
+        assert resp.headers["X-Cachenode-Tier"] == "objectstore"
+    key = temp_url_key.read_text().strip()
+    metrics = requests.get(sidecar.admin_url + "/metrics", timeout=5).text
+    for text in (sidecar.log(), metrics):
+        assert key not in text and "temp_url_sig" not in text and "AUTH_glance" not in text
+
+
+def test_service_token_read_again_when_its_file_changes(
+    glance_swift: Glance, swift: Swift, tmp_path: Path, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    token_file = tmp_path / "swift.token"
+    token_file.write_text("AUTH_tk_not_a_token\n")
+    images = [glance_swift.create_image(1 << 20) for _ in range(2)]
+    sidecar = sidecar_factory(
+        glance_url=glance_swift.url, tiers=[swift_tier(swift, token_file=str(token_file))]
+    ).start()
+    refused = sidecar.get(images[0].id, ALICE)  # Swift says 401: Glance itself answers
+    assert refused.status_code == 200 and refused.headers["X-Cachenode-Status"] == "BYPASS"
+    assert sidecar.metric("cachenode_tier_failures_total", tier="objectstore", kind="denied") == 1
+    token_file.write_text(swift.token() + "\n")  # rotated, no restart
+    served = sidecar.get(images[1].id, ALICE)
+    assert served.headers["X-Cachenode-Status"] == "MISS" and served.content == images[1].data
+    assert swift.token() not in sidecar.log()
+
+
+def test_the_object_glance_names_is_the_one_read(
+    glance_swift: Glance, swift: Swift, temp_url_key: Path, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    image = glance_swift.create_image(2 << 20)
+    record = glance_swift.api("GET", f"/v2/images/{image.id}").json()
+    assert record["direct_url"] == f"swift+config://ref1/glance/{image.id}"
+    # A wrong default container: only Glance's location can lead to the object.
+    sidecar = sidecar_factory(
+        glance_url=glance_swift.url,
+        tiers=[swift_tier(swift, container="nonesuch", temp_url_key_file=str(temp_url_key))],
+    ).start()
+    resp = sidecar.get(image.id, ALICE)
+    assert resp.headers["X-Cachenode-Status"] == "MISS" and resp.content == image.data
+
+
+def test_a_poisoned_regional_cache_is_routed_around(
+    glance_swift: Glance, swift: Swift, temp_url_key: Path, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    image = glance_swift.create_image(6 << 20)
+    url = f"{glance_swift.url}/v2/images/{image.id}/file"
+    assert requests.get(url, headers={"X-Auth-Token": ALICE}, timeout=60).content == image.data
+    cached = glance_swift.base / "data" / "cache" / image.id
+    wait_for(cached.exists)
+    with cached.open("r+b") as f:  # one byte of Glance's cached copy goes bad
+        f.seek(3 << 20)
+        byte = f.read(1)
+        f.seek(3 << 20)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    poisoned = requests.get(url, headers={"X-Auth-Token": ALICE}, timeout=60)
+    assert poisoned.status_code == 200 and poisoned.headers["Content-MD5"] == image.md5
+    assert poisoned.content != image.data  # Glance serves it, none the wiser
+
+    sidecar = sidecar_factory(glance_url=glance_swift.url, tiers=[
+        {"name": "regional", "kind": "glance", "url": glance_swift.url},
+        swift_tier(swift, temp_url_key_file=str(temp_url_key), parallel=2, chunk_size="2MiB"),
+    ]).start()  # fmt: skip
+    first = Caller(f"{sidecar.url}/v2/images/{image.id}/file", ALICE)
+    first.run()
+    assert first.sha512 != image.sha512 and (first.error is not None or first.status == 502)
+    sidecar.settle()
+    assert sidecar.blobs() == [] and sidecar.partials() == []
+    assert sidecar.metric("cachenode_integrity_failures_total", tier="regional") == 1
+    second = sidecar.get(image.id, ALICE)
+    assert second.status_code == 200 and second.content == image.data
+    assert second.headers["X-Cachenode-Tier"] == "objectstore"
+    assert [b.name for b in sidecar.blobs()] == [image.id]
