@@ -79,6 +79,18 @@ class Catalog:
             self.put(entry)
         return entry
 
+    def pin(self, image_id: str) -> None:
+        self._call(self._db.set, ("pin", image_id), True)
+
+    def unpin(self, image_id: str) -> bool:
+        return bool(self._call(self._db.delete, ("pin", image_id)))
+
+    def pins(self) -> frozenset[str]:
+        """Images pinned at run time (``cachenode pin``), cached or not."""
+        return frozenset(
+            k[1] for k in list(self._db.iterkeys()) if isinstance(k, tuple) and k[0] == "pin"
+        )
+
     def entries(self) -> Iterator[Entry]:
         for key in list(self._db.iterkeys()):
             if isinstance(key, tuple) and key[0] == "entry":

@@ -26,7 +26,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO
 
 from cachenode.catalog import Entry
@@ -163,8 +163,10 @@ class Fills:
         metrics: Metrics,
         quarantine: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        make_room: Callable[[int], Awaitable[bool]] | None = None,
     ) -> None:
         self.local = local
+        self.make_room = make_room
         self.tiers = tiers
         self.metrics = metrics
         self.quarantine = quarantine
@@ -174,6 +176,9 @@ class Fills:
 
     def get(self, image_id: str) -> Fill | None:
         return self._running.get(image_id)
+
+    def running(self) -> list[Fill]:
+        return list(self._running.values())
 
     def excluded(self, image_id: str) -> frozenset[str]:
         """Tiers that sent bad bytes for this image recently: not asked for it again yet."""
@@ -210,6 +215,8 @@ class Fills:
         part: Partial | None = None
         outcome = "error"
         try:
+            if self.make_room is not None and not await self.make_room(fill.size):
+                raise StoreError(f"no room for {fill.size} bytes within the policy")
             part = await self.local.create_partial(fill.image.id, fill.size)
             fill._read_fd = await asyncio.get_running_loop().run_in_executor(
                 None, os.open, part.path, os.O_RDONLY | os.O_CLOEXEC

@@ -253,6 +253,30 @@ class GlanceClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
 
+    async def images(self, creds: Credentials, filters: Mapping[str, str]) -> list[ImageInfo]:
+        """Every image the credentials see that matches ``filters`` (``tag``, a property, ...),
+        following Glance's pages."""
+        found: list[ImageInfo] = []
+        path: str | None = "/v2/images"
+        params: dict[str, str] | None = {**filters, "limit": "200"}
+        try:
+            headers = dict(creds.headers)
+            while path:
+                url = self.url + path
+                async with self.session.get(url, params=params, headers=headers,
+                                            timeout=self.timeout) as resp:  # fmt: skip
+                    body = await resp.read()
+                    if resp.status != 200:
+                        raise self._refusal(resp, body)
+                    page = await resp.json(content_type=None)
+                found.extend(ImageInfo.from_json(doc) for doc in page.get("images", []))
+                path, params = page.get("next"), None  # "next" carries the filters and marker
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise GlanceUnavailable(f"glance sent an unreadable image list: {exc}") from exc
+        return found
+
     @staticmethod
     def _refusal(resp: aiohttp.ClientResponse, body: bytes) -> Exception:
         if resp.status >= 500:

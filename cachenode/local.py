@@ -8,6 +8,7 @@ caller still reads all of it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from cachenode.blobs import BlobStore
 from cachenode.catalog import Catalog, Entry
 from cachenode.errors import StoreError
 from cachenode.metrics import Metrics
+from cachenode.policy import Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,11 +127,42 @@ class Local:
             raise
         return entry, fobj
 
+    async def verify(self, entry: Entry) -> bool:
+        """Re-hash the entry's blob (in the executor); whether it still matches its record."""
+        return await self._run(self._verify, entry)
+
+    def _verify(self, entry: Entry) -> bool:
+        try:
+            with open(self.blobs.path(entry.image_id), "rb") as f:
+                digest = hashlib.file_digest(f, entry.hash_algo)
+                size = f.tell()
+        except FileNotFoundError:
+            return False
+        return size == entry.size and digest.hexdigest() == entry.hash_value
+
     async def get(self, image_id: str) -> Entry | None:
         return await self._run(self.catalog.get, image_id)
 
     async def entries(self) -> list[Entry]:
         return await self._run(lambda: list(self.catalog.entries()))
+
+    async def pins(self) -> frozenset[str]:
+        return await self._run(self.catalog.pins)
+
+    async def pin(self, image_id: str) -> None:
+        await self._run(self.catalog.pin, image_id)
+
+    async def unpin(self, image_id: str) -> bool:
+        return await self._run(self.catalog.unpin, image_id)
+
+    async def usage(self) -> Usage:
+        """Bytes in L1 and the state of the filesystem under it."""
+        st = await self._run(self.blobs.disk_usage)
+        free = st.f_bavail * st.f_frsize
+        self.metrics.disk_free.set(free)
+        return Usage(
+            cache_bytes=self.total_bytes, disk_total=st.f_blocks * st.f_frsize, disk_free=free
+        )
 
     async def create_partial(self, image_id: str, size: int) -> Partial:
         path, fd = await self._run(self.blobs.create_partial, image_id, size)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from cachenode import validate as v
+from cachenode.catalog import Entry
 from cachenode.errors import ConfigError
 from cachenode.units import Size, parse_duration, parse_size
 
@@ -140,3 +141,86 @@ def policy_dirs() -> list[Path]:
 
 def known_policies() -> set[str]:
     return {p.stem for d in policy_dirs() for p in d.glob("*.yaml")}
+
+
+# How each order ranks entries for eviction, first evicted first: policies are data.
+EVICTION_ORDER: dict[str, Callable[[Entry], tuple[float, ...]]] = {
+    "lru": lambda e: (e.last_access, e.created),  # least recently served
+    "lfu": lambda e: (e.hits, e.last_access),  # least often served, then least recently
+    "largest": lambda e: (-e.size, e.last_access),  # biggest first: room for many small ones
+    "fifo": lambda e: (e.created,),  # oldest fill first
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the cache holds and what the filesystem under it has, in bytes."""
+
+    cache_bytes: int
+    disk_total: int
+    disk_free: int
+
+
+@dataclass(frozen=True)
+class Eviction:
+    image_id: str
+    size: int
+    reason: str  # idle | size | disk
+
+
+@dataclass(frozen=True)
+class Plan:
+    evictions: tuple[Eviction, ...]
+    fits: bool  # after them, ``needed`` more bytes fit within the policy and on the disk
+
+
+def is_pinned(policy: Policy, entry: Entry, pins: frozenset[str] = frozenset()) -> bool:
+    return entry.image_id in pins or policy.pin.matches(
+        entry.image_id, entry.tags, entry.properties
+    )
+
+
+def plan(
+    entries: Iterable[Entry],
+    policy: Policy,
+    usage: Usage,
+    now: float,
+    needed: int = 0,
+    pins: frozenset[str] = frozenset(),
+) -> Plan:
+    """What to evict so that the cache keeps to ``policy`` with ``needed`` more bytes in it.
+
+    Pinned entries are never chosen. Idle entries (``max_idle``) go first; then, in the policy's
+    order, entries until the cache is under ``low_watermark`` of ``max_bytes`` (once it passed
+    ``high_watermark``) and the filesystem keeps ``min_free_disk`` free.
+    """
+    capacity = policy.max_bytes.resolve(usage.disk_total)
+    min_free = policy.min_free_disk.resolve(usage.disk_total)
+    candidates = sorted((e for e in entries if not is_pinned(policy, e, pins)),
+                        key=EVICTION_ORDER[policy.order])  # fmt: skip
+    chosen: dict[str, Eviction] = {}
+    total, free = usage.cache_bytes, usage.disk_free
+
+    def evict(entry: Entry, reason: str) -> None:
+        nonlocal total, free
+        chosen[entry.image_id] = Eviction(entry.image_id, entry.size, reason)
+        total -= entry.size
+        free += entry.size
+
+    if policy.max_idle is not None:
+        for entry in candidates:
+            if now - entry.last_access > policy.max_idle:
+                evict(entry, "idle")
+    if total + needed > capacity * policy.high_watermark:
+        for entry in candidates:
+            if total + needed <= capacity * policy.low_watermark:
+                break
+            if entry.image_id not in chosen:
+                evict(entry, "size")
+    for entry in candidates:
+        if free - needed >= min_free:
+            break
+        if entry.image_id not in chosen:
+            evict(entry, "disk")
+    fits = total + needed <= capacity and free - needed >= min_free
+    return Plan(tuple(chosen.values()), fits)

@@ -243,7 +243,7 @@ class DataPlane:
             # Glance (or its cache) may be what sent the bad bytes: passing through could hand
             # the caller a clean-looking corrupt image. The next request uses the next tier.
             raise fill.error
-        reason = "disk" if isinstance(fill.error, StoreError) else "tier_failed"
+        reason = "no_room" if isinstance(fill.error, StoreError) else "tier_failed"
         return await self._bypass(request, reason)
 
     async def _bypass(self, request: web.Request, reason: str) -> web.StreamResponse:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
 from aiohttp import web
 
-from cachenode.admin import admin_app
+from cachenode.admin import Admin
 from cachenode.authz import Authorizer
 from cachenode.config import Config
 from cachenode.fill import Fills
 from cachenode.glance import Credentials, GlanceClient
+from cachenode.janitor import Janitor, Warmer
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.proxy import Proxy
@@ -29,6 +31,7 @@ class Sidecar:
         self.ready = False
         self._runners: list[web.AppRunner] = []
         self._session: aiohttp.ClientSession | None = None
+        self._janitor_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -36,23 +39,22 @@ class Sidecar:
         self._session = aiohttp.ClientSession(auto_decompress=False)
         glance = GlanceClient(self._session, cfg.glance_url, cfg.glance_timeout)
         self.tiers = TierSet([build_tier(t) for t in cfg.tiers], self.metrics)
-        self.fills = Fills(self.local, self.tiers, self.metrics)
+        self.janitor = Janitor(self.local, cfg.policy, self.metrics)
+        self.fills = Fills(self.local, self.tiers, self.metrics, make_room=self.janitor.make_room)
         self.proxy = Proxy(cfg.glance_url)
         service = Credentials.token(cfg.service_token.reveal()) if cfg.service_token else None
+        warmer = Warmer(glance, self.fills, self.local, service, cfg.policy) if service else None
         plane = DataPlane(
             authz=Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error),
-            glance=glance,
-            local=self.local,
-            fills=self.fills,
-            proxy=self.proxy,
-            metrics=self.metrics,
-            service_creds=service,
-        )
-        self.metrics.cache_capacity.set(self._capacity())
-        await self._listen(
-            admin_app(self.metrics, lambda: self.ready, cfg.admin_token), cfg.admin_listen
-        )
+            glance=glance, local=self.local, fills=self.fills, proxy=self.proxy,
+            metrics=self.metrics, service_creds=service,
+        )  # fmt: skip
+        await self.janitor.sweep()
+        admin = Admin(self.metrics, self.local, self.fills, self.janitor, warmer, cfg.policy,
+                      cfg.admin_token, lambda: self.ready)  # fmt: skip
+        await self._listen(admin.app(), cfg.admin_listen)
         await self._listen(plane.app(), cfg.listen)
+        self._janitor_task = asyncio.create_task(self.janitor.run(warmer), name="janitor")
         self.ready = True
         log.info(
             "cachenode serving on %s:%d (admin %s:%d), glance %s, tiers %s, policy %s",
@@ -63,10 +65,6 @@ class Sidecar:
             cfg.policy.name,
         )
 
-    def _capacity(self) -> int:
-        st = self.local.blobs.disk_usage()
-        return self.config.policy.max_bytes.resolve(st.f_blocks * st.f_frsize)
-
     async def _listen(self, app: web.Application, address: tuple[str, int]) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -75,6 +73,8 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.ready = False
+        if self._janitor_task is not None:
+            self._janitor_task.cancel()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.fills.close()

@@ -1,0 +1,120 @@
+"""The janitor: keeps L1 within its policy, and warms what the policy wants warm.
+
+Eviction runs every ``interval`` seconds and before every fill (``make_room``), under one lock so
+two plans never race. The plan itself is a pure function (``cachenode.policy.plan``); this module
+only gathers its inputs and carries it out. Warming asks Glance, with the service credentials, for
+the images the policy selects (by id, tag or property) and fills those not in L1, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from cachenode.errors import CachenodeError
+from cachenode.fill import Fills
+from cachenode.glance import Credentials, GlanceClient, ImageInfo
+from cachenode.local import Local
+from cachenode.metrics import Metrics
+from cachenode.policy import Policy, plan
+
+log = logging.getLogger(__name__)
+
+
+class Janitor:
+    def __init__(
+        self,
+        local: Local,
+        policy: Policy,
+        metrics: Metrics,
+        interval: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.local = local
+        self.policy = policy
+        self.metrics = metrics
+        self.interval = interval
+        self.clock = clock
+        self._lock = asyncio.Lock()
+
+    async def make_room(self, needed: int) -> bool:
+        """Evict what the policy allows so that ``needed`` more bytes fit; whether they do."""
+        return await self.sweep(needed)
+
+    async def sweep(self, needed: int = 0) -> bool:
+        async with self._lock:
+            usage = await self.local.usage()
+            entries = await self.local.entries()
+            result = plan(
+                entries, self.policy, usage, self.clock(), needed, await self.local.pins()
+            )
+            for eviction in result.evictions:
+                await self.local.evict(eviction.image_id, eviction.reason)
+            self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
+            if result.evictions:
+                await self.local.usage()  # refresh disk_free_bytes
+            return result.fits
+
+    async def run(self, warmer: Warmer | None) -> None:
+        """Sweep every ``interval``, warm every ``warm_interval``, until cancelled."""
+        next_warm = self.clock()
+        while True:
+            try:
+                await self.sweep()
+                if warmer is not None and self.clock() >= next_warm:
+                    next_warm = self.clock() + self.policy.warm_interval
+                    await warmer.warm_policy()
+            except CachenodeError as exc:
+                log.warning("janitor: %s", exc)
+            await asyncio.sleep(self.interval)
+
+
+class Warmer:
+    """Fills images before anyone asks, with the service credentials."""
+
+    def __init__(
+        self, glance: GlanceClient, fills: Fills, local: Local, creds: Credentials, policy: Policy
+    ) -> None:
+        self.glance = glance
+        self.fills = fills
+        self.local = local
+        self.creds = creds
+        self.policy = policy
+
+    async def selected(
+        self,
+        ids: tuple[str, ...] = (),
+        tags: tuple[str, ...] = (),
+        properties: tuple[tuple[str, str], ...] = (),
+    ) -> list[ImageInfo]:
+        """The active images named by id, or carrying one of ``tags`` or ``properties``."""
+        found: dict[str, ImageInfo] = {}
+        for image_id in ids:
+            image = await self.glance.image(image_id, self.creds)
+            found[image.id] = image
+        queries = [{"tag": t} for t in tags] + [{k: v} for k, v in properties]
+        for query in queries:
+            for image in await self.glance.images(self.creds, {**query, "status": "active"}):
+                found[image.id] = image
+        return [i for i in found.values() if i.status == "active"]
+
+    async def warm(self, image: ImageInfo) -> str:
+        """Start (or join) the fill of ``image``; 'cached', 'filling' or why it cannot be."""
+        if image.id in self.local:
+            return "cached"
+        if image.status != "active" or not image.size or image.verifier() is None:
+            return "not cacheable"
+        self.fills.start(image, self.creds)
+        return "filling"
+
+    async def warm_policy(self) -> None:
+        selector = self.policy.warm
+        if not selector:
+            return
+        images = await self.selected(selector.ids, selector.tags, selector.properties)
+        for image in images:
+            if await self.warm(image) == "filling" and (fill := self.fills.get(image.id)):
+                await fill.wait(lambda: False)  # one at a time: warming must not become a storm
+        log.info("warm: %d images selected by policy %s", len(images), self.policy.name)
