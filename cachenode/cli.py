@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from cachenode import __version__
+from cachenode import __version__, ctl
 from cachenode.config import Config, default_config_path, load_config
 from cachenode.errors import CachenodeError, ConfigError
 
@@ -29,11 +29,42 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the sidecar")
     sub.add_parser("check-config", parents=[common], help="check the config file and exit")
+    for name, text in (
+        ("ls", "list what L1 holds and what is being filled"),
+        ("stats", "totals: entries, bytes, capacity, free disk, hit ratio"),
+    ):
+        cmd = sub.add_parser(name, parents=[common], help=text)
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    warm = sub.add_parser("warm", parents=[common], help="fill images now")
+    warm.add_argument("ids", nargs="*", metavar="ID")
+    warm.add_argument("--tag", action="append", default=[], help="every active image with this tag")
+    warm.add_argument(
+        "--property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="every active image with this property",
+    )
+    evict = sub.add_parser("evict", parents=[common], help="remove images from L1")
+    evict.add_argument("ids", nargs="*", metavar="ID")
+    evict.add_argument("--all", action="store_true", help="every image")
+    evict.add_argument("--idle-for", metavar="DURATION", help="images not served for this long")
+    evict.add_argument("--force", action="store_true", help="pinned images too")
+    for name, text in (("pin", "never evict these images"), ("unpin", "let the policy evict them")):
+        sub.add_parser(name, parents=[common], help=text).add_argument(
+            "ids", nargs="+", metavar="ID"
+        )
+    sub.add_parser("verify", parents=[common], help="re-hash every entry, evict those that fail")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "warm" and not (args.ids or args.tag or args.property):
+        parser.error("warm: give image ids, --tag or --property")
+    if args.command == "evict" and sum(map(bool, (args.ids, args.all, args.idle_for))) != 1:
+        parser.error("evict: give image ids, --all or --idle-for (one of them)")
     try:
         config = load_config(args.config or default_config_path())
     except ConfigError as exc:
@@ -46,7 +77,29 @@ def main(argv: list[str] | None = None) -> int:
             f"tiers {tiers}, policy {config.policy.name}"
         )
         return EXIT_OK
-    return serve(config)
+    if args.command == "serve":
+        return serve(config)
+    return ctl.run(lambda: _operate(args, config))
+
+
+def _operate(args: argparse.Namespace, config: Config) -> int:
+    client = ctl.AdminClient(config)
+    out = sys.stdout
+    if args.command == "ls":
+        return ctl.ls(client, args.json, out)
+    if args.command == "stats":
+        return ctl.stats(client, args.json, out)
+    if args.command == "warm":
+        ids = list(args.ids) + ctl.glance_image_ids(config, args.tag, args.property)
+        if not ids:
+            print("cachenode: no active image matches", file=sys.stderr)
+            return EXIT_FAILED
+        return ctl.warm(client, ids, out)
+    if args.command == "evict":
+        return ctl.evict(client, args.ids, args.all, args.idle_for, args.force, out)
+    if args.command in ("pin", "unpin"):
+        return ctl.pin(client, args.ids, args.command == "pin", out)
+    return ctl.verify(client, out)
 
 
 def serve(config: Config) -> int:

@@ -77,6 +77,7 @@ class Config:
     admin_token: Secret | None = None
     service_token: Secret | None = None
     log_level: str = "info"
+    janitor_interval: float = 30.0
 
 
 def _secret_file(value: object) -> Secret:
@@ -156,6 +157,9 @@ def parse_config(data: object) -> Config:
     if not cache_dir.is_absolute():
         raise ConfigError(cache.key("dir"), "must be an absolute path")
     policy = cache.take("policy", lambda x: load_policy(v.string(x)), None)
+    janitor_interval = cache.take("janitor_interval", parse_duration, 30.0)
+    if janitor_interval <= 0:
+        raise ConfigError(cache.key("janitor_interval"), "must be more than 0s")
     if policy is None:
         policy = load_policy("default")
     cache.finish()
@@ -196,6 +200,7 @@ def parse_config(data: object) -> Config:
         admin_token=admin_token,
         service_token=service_token,
         log_level=log_level,
+        janitor_interval=janitor_interval,
     )
 
 

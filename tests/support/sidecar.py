@@ -40,6 +40,7 @@ class Sidecar:
                 doc[key] = {**doc[key], **value}
             else:
                 doc[key] = value
+        self.cache_dir = Path(doc["cache"]["dir"])  # where the config really puts it
         self.config_path = workdir / "cachenode.yaml"
         self.config_path.write_text(yaml.safe_dump(doc))
         self.log_path = workdir / "cachenode.log"
@@ -119,7 +120,9 @@ class Sidecar:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     def blobs(self) -> list[Path]:
+        assert (self.cache_dir / "blobs").is_dir(), f"no cache at {self.cache_dir}"
         return sorted(p for p in (self.cache_dir / "blobs").glob("*/*"))
 
     def partials(self) -> list[Path]:
+        assert (self.cache_dir / "partial").is_dir(), f"no cache at {self.cache_dir}"
         return sorted((self.cache_dir / "partial").glob("*"))

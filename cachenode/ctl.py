@@ -1,0 +1,250 @@
+"""The operator commands of the CLI (ls, stats, warm, evict, pin, unpin, verify): clients of the
+admin API of a running sidecar, found through the same config file (``admin.listen``,
+``admin.token_file``). Glance is asked directly only to turn ``warm --tag``/``--property`` into
+image ids, with the service credentials.
+
+Each command returns an exit status: 0 done, 1 an operation failed, 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from cachenode.config import Config
+from cachenode.units import format_bytes
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CtlError(Exception):
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminClient:
+    def __init__(self, config: Config, timeout: float = 600.0) -> None:
+        if config.admin_token is None:
+            raise CtlError(
+                "config error: admin.token_file: the CLI needs the admin token", EXIT_USAGE
+            )
+        host, port = config.admin_listen
+        host = f"[{host}]" if ":" in host else host
+        self.base = f"http://{host}:{port}/admin/v1"
+        self.token = config.admin_token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token.reveal()}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            try:
+                doc = json.load(exc)
+            except ValueError:
+                doc = {"error": exc.reason}
+            if exc.code == 401:
+                raise CtlError("the admin API refused the admin token") from None
+            return exc.code, doc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CtlError(
+                f"cannot reach the admin API at {self.base}: {reason} (is cachenode serving?)"
+            ) from None
+
+
+def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> list[str]:
+    """Active images with any of ``tags`` or ``key=value`` ``properties``, asked of Glance."""
+    if config.service_token is None:
+        raise CtlError(
+            "config error: service_auth.token_file: needed to ask Glance for tags", EXIT_USAGE
+        )
+    queries = [{"tag": t} for t in tags]
+    for prop in properties:
+        key, sep, value = prop.partition("=")
+        if not sep or not key:
+            raise CtlError(f"--property takes key=value, not {prop!r}", EXIT_USAGE)
+        queries.append({key: value})
+    found: dict[str, None] = {}
+    for query in queries:
+        path: str | None = "/v2/images?" + urllib.parse.urlencode(
+            {**query, "status": "active", "limit": 200}
+        )
+        while path:
+            request = urllib.request.Request(
+                config.glance_url + path, headers={"X-Auth-Token": config.service_token.reveal()}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    page = json.load(resp)
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise CtlError(f"cannot list images in Glance: {exc}") from None
+            found.update((image["id"], None) for image in page.get("images", []))
+            path = page.get("next")
+    return list(found)
+
+
+def ls(client: AdminClient, as_json: bool, out: TextIO) -> int:
+    _, doc = client.call("GET", "/images")
+    images = doc["images"]
+    if as_json:
+        json.dump(images, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(
+        f"{'IMAGE':36}  {'STATE':8}  {'SIZE':>9}  {'TIER':12}  {'HITS':>5}  {'IDLE':>8}  PINNED\n"
+    )
+    now = time.time()
+    for image in images:
+        idle = _age(now - image["last_access"]) if "last_access" in image else "-"
+        size = format_bytes(image["size"])
+        if image["state"] == "filling":
+            size = f"{100 * image['landed'] // max(1, image['size'])}%"
+        out.write(
+            f"{image['id']:36}  {image['state']:8}  {size:>9}  {image.get('tier') or '-':12}  "
+            f"{image.get('hits', 0):>5}  {idle:>8}  {'yes' if image.get('pinned') else ''}\n"
+        )
+    return EXIT_OK
+
+
+def stats(client: AdminClient, as_json: bool, out: TextIO) -> int:
+    _, doc = client.call("GET", "/stats")
+    if as_json:
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    ratio = "-" if doc["hit_ratio"] is None else f"{100 * doc['hit_ratio']:.1f}%"
+    cached = f"{format_bytes(doc['bytes'])} of {format_bytes(doc['capacity_bytes'])}"
+    lines = [
+        ("entries", str(doc["entries"])),
+        ("cached", f"{cached} (policy {doc['policy']})"),
+        ("disk free", format_bytes(doc["disk_free_bytes"])),
+        ("fills running", str(doc["inflight_fills"])),
+        ("hit ratio", ratio),
+        ("requests", ", ".join(f"{k} {v}" for k, v in sorted(doc["requests"].items())) or "none"),
+    ]
+    for key, value in lines:
+        out.write(f"{key + ':':15}{value}\n")
+    return EXIT_OK
+
+
+def warm(client: AdminClient, ids: list[str], out: TextIO, poll: float = 0.2) -> int:
+    started: list[tuple[str, int]] = []
+    failed = False
+    for image_id in dict.fromkeys(ids):
+        status, doc = client.call("POST", f"/images/{image_id}/warm")
+        if status in (200, 202):
+            started.append((image_id, int(doc.get("size") or 0)))
+        else:
+            out.write(f"{image_id}  failed: {doc.get('error') or doc.get('state')}\n")
+            failed = True
+    tty = out.isatty()
+    for image_id, size in started:
+        failed |= not _follow(client, image_id, size, out, tty, poll)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _follow(
+    client: AdminClient, image_id: str, size: int, out: TextIO, tty: bool, poll: float
+) -> bool:
+    """Wait for one warm to end; a progress bar on a terminal, one line when done otherwise."""
+    while True:
+        status, doc = client.call("GET", f"/images/{image_id}")
+        if status == 200 and doc["state"] == "cached":
+            if tty:
+                out.write(f"\r{_bar(image_id, size, size)}  cached\n")
+            else:
+                out.write(f"{image_id}  {format_bytes(size)}  cached\n")
+            out.flush()
+            return True
+        if status != 200:
+            out.write(f"{chr(13) if tty else ''}{image_id}  failed: the fill did not complete\n")
+            return False
+        if tty:
+            out.write(f"\r{_bar(image_id, doc.get('landed', 0), size)}")
+            out.flush()
+        time.sleep(poll)
+
+
+def _bar(image_id: str, done: int, size: int, width: int = 30) -> str:
+    fraction = done / size if size else 1.0
+    filled = int(width * fraction)
+    return (
+        f"{image_id}  [{'#' * filled}{'.' * (width - filled)}] {100 * fraction:3.0f}%  "
+        f"{format_bytes(done)}/{format_bytes(size)}"
+    )
+
+
+def evict(
+    client: AdminClient, ids: list[str], every: bool, idle_for: str | None, force: bool, out: TextIO
+) -> int:
+    body: dict[str, Any] = {"force": force}
+    if every:
+        body["all"] = True
+    elif idle_for:
+        body["idle_for"] = idle_for
+    else:
+        body["ids"] = ids
+    status, doc = client.call("POST", "/evict", body)
+    if status != 200:
+        raise CtlError(f"evict: {doc.get('error')}", EXIT_USAGE if status == 400 else EXIT_FAILED)
+    for image_id in doc["evicted"]:
+        out.write(f"{image_id}  evicted\n")
+    for image_id in doc["kept_pinned"]:
+        out.write(f"{image_id}  kept: pinned (--force to evict)\n")
+    missing = set(ids) - set(doc["evicted"]) - set(doc["kept_pinned"])
+    for image_id in sorted(missing):
+        out.write(f"{image_id}  not cached\n")
+    return EXIT_OK
+
+
+def pin(client: AdminClient, ids: list[str], pinned: bool, out: TextIO) -> int:
+    failed = False
+    for image_id in ids:
+        status, doc = client.call("PUT" if pinned else "DELETE", f"/images/{image_id}/pin")
+        if status == 200:
+            out.write(f"{image_id}  {'pinned' if pinned else 'unpinned'}\n")
+        else:
+            out.write(f"{image_id}  failed: {doc.get('error')}\n")
+            failed = True
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def verify(client: AdminClient, out: TextIO) -> int:
+    _, doc = client.call("POST", "/verify")
+    for image_id in doc["failed"]:
+        out.write(f"{image_id}  failed its hash: evicted\n")
+    out.write(f"{doc['checked']} entries checked, {len(doc['failed'])} failed\n")
+    return EXIT_FAILED if doc["failed"] else EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def run(command: Callable[[], int]) -> int:
+    try:
+        return command()
+    except CtlError as exc:
+        print(f"cachenode: {exc}" if exc.status != EXIT_USAGE else str(exc), file=sys.stderr)
+        return exc.status

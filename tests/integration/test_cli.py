@@ -1,0 +1,149 @@
+"""The operator's CLI (SPEC §7) against a running sidecar, real Glance behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from tests.support.glance import ADMIN, ALICE, Glance
+from tests.support.sidecar import Sidecar
+
+
+def operated(sidecar_factory, tmp_path: Path, **config: object) -> Sidecar:  # type: ignore[no-untyped-def]
+    """A sidecar with an admin token and service credentials (Glance's admin)."""
+    (tmp_path / "admin.token").write_text("s3cret-admin\n")
+    (tmp_path / "service.token").write_text(ADMIN + "\n")
+    return sidecar_factory(
+        admin={"token_file": str(tmp_path / "admin.token")},
+        service_auth={"token_file": str(tmp_path / "service.token")},
+        **config,
+    ).start()
+
+
+def cli(sidecar: Sidecar, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cachenode", *args, "-c", str(sidecar.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sidecar = operated(sidecar_factory, tmp_path)
+    plain = glance.create_image(2 << 20)
+    golden = [glance.create_image(1 << 20, tags=["golden"]) for _ in range(2)]
+    cirros = glance.create_image(1 << 20, os_distro="cirros-test")
+
+    warmed = cli(sidecar, "warm", plain.id)
+    assert warmed.returncode == 0, warmed.stderr
+    assert (
+        warmed.stdout.strip() == f"{plain.id}  2.0MiB  cached"
+    )  # not a terminal: one line, no bar
+    assert cli(sidecar, "warm", "--tag", "golden").returncode == 0
+    assert cli(sidecar, "warm", "--property", "os_distro=cirros-test").returncode == 0
+    wanted = {plain.id, cirros.id} | {g.id for g in golden}
+    assert {b.name for b in sidecar.blobs()} == wanted
+    for image in (plain, cirros, *golden):  # warmed bytes are served as hits, verified
+        hit = sidecar.get(image.id, ALICE)
+        assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == image.data
+
+    listed = json.loads(cli(sidecar, "ls", "--json").stdout)
+    assert {i["id"] for i in listed} == wanted and all(i["state"] == "cached" for i in listed)
+    table = cli(sidecar, "ls").stdout.splitlines()
+    assert table[0].split()[:3] == ["IMAGE", "STATE", "SIZE"] and len(table) == 5
+    stats = json.loads(cli(sidecar, "stats", "--json").stdout)
+    assert stats["entries"] == 4 and stats["bytes"] == 5 << 20
+    assert stats["requests"]["hit"] == 4 and stats["hit_ratio"] == 1.0
+    assert "hit ratio:" in cli(sidecar, "stats").stdout
+
+    assert cli(sidecar, "pin", plain.id).returncode == 0
+    kept = cli(sidecar, "evict", plain.id, cirros.id)
+    assert kept.returncode == 0
+    assert f"{plain.id}  kept: pinned" in kept.stdout and f"{cirros.id}  evicted" in kept.stdout
+    assert cli(sidecar, "evict", "--idle-for", "7d").stdout == ""  # nothing that old
+    forced = cli(sidecar, "evict", "--force", plain.id)
+    assert f"{plain.id}  evicted" in forced.stdout
+    assert cli(sidecar, "unpin", plain.id).returncode == 0
+    everything = cli(sidecar, "evict", "--all")
+    assert everything.returncode == 0 and sidecar.blobs() == []
+    assert sidecar.metric("cachenode_evictions_total", reason="requested") == 4
+    assert sidecar.metric("cachenode_evicted_bytes_total") == 5 << 20
+
+
+def test_warm_shows_a_progress_bar_on_a_terminal(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    sidecar = operated(sidecar_factory, tmp_path)
+    image = glance.create_image(3 << 20)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachenode", "warm", image.id, "-c", str(sidecar.config_path)],
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(60) == 0
+    text = output.decode()
+    assert f"\r{image.id}  [" in text and "] 100%" in text and text.rstrip().endswith("cached")
+
+
+def test_verify_evicts_what_fails_its_hash(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sidecar = operated(sidecar_factory, tmp_path)
+    good, bad = glance.create_image(1 << 20), glance.create_image(1 << 20)
+    assert cli(sidecar, "warm", good.id, bad.id).returncode == 0
+    blob = sidecar.cache_dir / "blobs" / bad.id[:2] / bad.id
+    data = bytearray(blob.read_bytes())
+    data[12345] ^= 1  # bit rot
+    blob.write_bytes(bytes(data))
+    checked = cli(sidecar, "verify")
+    assert checked.returncode == 1
+    assert f"{bad.id}  failed its hash: evicted" in checked.stdout
+    assert "2 entries checked, 1 failed" in checked.stdout
+    assert [b.name for b in sidecar.blobs()] == [good.id]
+    again = sidecar.get(bad.id, ALICE)  # refilled, correct
+    assert again.headers["X-Cachenode-Status"] == "MISS" and again.content == bad.data
+    assert cli(sidecar, "verify").returncode == 0
+
+
+def test_exit_statuses(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sidecar = operated(sidecar_factory, tmp_path)
+    unknown = "00000000-0000-4000-8000-000000000000"
+    failed = cli(sidecar, "warm", unknown)
+    assert failed.returncode == 1 and f"{unknown}  failed" in failed.stdout
+    assert cli(sidecar, "evict").returncode == 2  # nothing said to evict
+    assert cli(sidecar, "warm").returncode == 2
+    assert cli(sidecar, "frobnicate").returncode == 2
+    assert cli(sidecar, "warm", "--property", "novalue").returncode == 2
+    # The API refuses a wrong token, and without one.
+    assert requests.get(sidecar.admin_url + "/admin/v1/stats", timeout=5).status_code == 401
+    wrong = requests.get(
+        sidecar.admin_url + "/admin/v1/stats", timeout=5, headers={"Authorization": "Bearer guess"}
+    )
+    assert wrong.status_code == 401
+    (tmp_path / "admin.token").write_text("not-the-token\n")  # the CLI now holds a wrong token
+    refused = cli(sidecar, "ls")
+    assert refused.returncode == 1 and "refused the admin token" in refused.stderr
+    sidecar.stop()
+    gone = subprocess.run(
+        [sys.executable, "-m", "cachenode", "stats", "-c", str(sidecar.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gone.returncode == 1 and "cannot reach the admin API" in gone.stderr

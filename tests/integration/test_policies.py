@@ -1,0 +1,174 @@
+"""Eviction and warm policies in a running sidecar (SPEC §5), and a disk that fills up."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.support.clients import wait_for
+from tests.support.glance import ADMIN, ALICE, Glance
+from tests.support.sidecar import Sidecar
+from tests.support.upstream import Fault, Upstream
+
+MiB = 1 << 20
+
+
+def policy_file(tmp_path: Path, **policy: object) -> str:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return str(path)
+
+
+def test_lru_within_max_bytes_and_pins_by_tag(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    policy = policy_file(
+        tmp_path,
+        order="lru",
+        max_bytes="10MiB",
+        high_watermark=0.9,
+        low_watermark=0.6,
+        min_free_disk=0,
+        pin={"tags": ["golden"]},
+    )
+    sidecar = sidecar_factory(cache={"policy": policy}).start()
+    golden = glance.create_image(3 * MiB, tags=["golden"])
+    a, b = glance.create_image(3 * MiB), glance.create_image(2 * MiB)
+    for image in (golden, a, b):
+        assert sidecar.get(image.id, ALICE).status_code == 200
+    time.sleep(0.05)
+    assert sidecar.get(a.id, ALICE).headers["X-Cachenode-Status"] == "HIT"  # b is now least recent
+    c = glance.create_image(3 * MiB)  # 8 + 3 > 9 (high): evict down to 6 (low) - 3 = 3 before it
+    assert sidecar.get(c.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
+    cached = {p.name for p in sidecar.blobs()}
+    assert golden.id in cached and c.id in cached  # pinned stays, the new one got room
+    assert b.id not in cached and a.id not in cached  # least recent first: b, then a
+    assert sidecar.metric("cachenode_evictions_total", reason="size") == 2
+    assert sidecar.metric("cachenode_cache_bytes") == 6 * MiB
+
+
+def test_idle_images_go_and_warm_policy_runs_on_its_interval(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "service.token").write_text(ADMIN)
+    tag = f"warm-{time.monotonic_ns()}"
+    policy = policy_file(
+        tmp_path,
+        max_idle="2s",
+        min_free_disk=0,
+        warm={"tags": [tag], "interval": "1s"},
+        pin={"tags": [tag]},
+    )
+    wanted = glance.create_image(1 * MiB, tags=[tag])
+    sidecar = sidecar_factory(
+        cache={"policy": policy, "janitor_interval": "0.3s"},
+        service_auth={"token_file": str(tmp_path / "service.token")},
+    ).start()
+    wait_for(lambda: wanted.id in {p.name for p in sidecar.blobs()}, timeout=15)  # warmed unasked
+    later = glance.create_image(1 * MiB, tags=[tag])
+    wait_for(lambda: later.id in {p.name for p in sidecar.blobs()}, timeout=15)  # next interval
+    idle = glance.create_image(1 * MiB)
+    assert sidecar.get(idle.id, ALICE).status_code == 200
+    wait_for(lambda: idle.id not in {p.name for p in sidecar.blobs()}, timeout=15)
+    assert sidecar.metric("cachenode_evictions_total", reason="idle") >= 1
+    time.sleep(2.5)  # pinned by tag, the warmed ones outlive max_idle
+    assert {wanted.id, later.id} <= {p.name for p in sidecar.blobs()}
+    hit = sidecar.get(wanted.id, ALICE)
+    assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == wanted.data
+
+
+def test_eviction_never_cuts_a_reader_nor_a_fill(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "admin.token").write_text("t0ken")
+    cached, filling = glance.create_image(8 * MiB), glance.create_image(8 * MiB)
+    with Upstream(target=glance.url, faults=[Fault("throttle", rate=4 * MiB, times=-1)]) as l2:
+        sidecar = sidecar_factory(
+            admin={"token_file": str(tmp_path / "admin.token")},
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        ).start()
+        assert sidecar.get(cached.id, ALICE).status_code == 200
+        received: dict[str, bytes] = {}
+
+        def slow_reader(image_id: str) -> None:
+            with requests.get(
+                f"{sidecar.url}/v2/images/{image_id}/file",
+                headers={"X-Auth-Token": ALICE},
+                stream=True,
+                timeout=60,
+            ) as resp:
+                parts = []
+                for chunk in resp.iter_content(256 * 1024):
+                    parts.append(chunk)
+                    time.sleep(0.02)  # ~12 MiB/s: still reading when the eviction comes
+                received[image_id] = b"".join(parts)
+
+        readers = [threading.Thread(target=slow_reader, args=(i,)) for i in (cached.id, filling.id)]
+        for reader in readers:
+            reader.start()
+        wait_for(lambda: len(sidecar.partials()) == 1)
+        evicted = requests.post(
+            sidecar.admin_url + "/admin/v1/evict",
+            json={"all": True},
+            timeout=10,
+            headers={"Authorization": "Bearer t0ken"},
+        ).json()
+        assert evicted["evicted"] == [cached.id]  # the fill is not an entry yet: never evicted
+        for reader in readers:
+            reader.join(60)
+        assert received[cached.id] == cached.data  # its file was unlinked mid-read: still whole
+        assert received[filling.id] == filling.data
+        sidecar.settle()
+        assert [p.name for p in sidecar.blobs()] == [filling.id]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 16 MiB tmpfs for the cache: a disk that really fills up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_passes_through_and_makes_room(
+    glance: Glance, sidecar_factory, tmp_path: Path, small_disk: Path
+) -> None:  # type: ignore[no-untyped-def]
+    policy = policy_file(
+        tmp_path, max_bytes="100%", high_watermark=1.0, low_watermark=1.0, min_free_disk=0
+    )
+    sidecar: Sidecar = sidecar_factory(
+        cache={"dir": str(small_disk / "cache"), "policy": policy}
+    ).start()
+    huge = glance.create_image(24 * MiB)  # more than the whole disk
+    resp = sidecar.get(huge.id, ALICE)
+    assert resp.status_code == 200 and resp.content == huge.data
+    assert resp.headers["X-Cachenode-Status"] == "BYPASS"
+    assert sidecar.metric("cachenode_passthrough_total", reason="no_room") == 1
+    assert sidecar.blobs() == [] and sidecar.partials() == []
+
+    first, second, third = (glance.create_image(6 * MiB) for _ in range(3))
+    for image in (first, second):
+        assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
+    third_resp = sidecar.get(third.id, ALICE)  # 12 of ~16 MiB used: the first must go
+    assert third_resp.headers["X-Cachenode-Status"] == "MISS" and third_resp.content == third.data
+    assert {p.name for p in sidecar.blobs()} == {second.id, third.id}
+    assert (
+        sidecar.metric("cachenode_evictions_total", reason="size")
+        + sidecar.metric("cachenode_evictions_total", reason="disk")
+        == 1
+    )
+    assert sidecar.partials() == []
