@@ -3,6 +3,10 @@
 Nothing here touches the global registry, so each test and each app gets its own. Gauges are kept
 up to date by the code that changes them (a commit, an eviction), never computed at scrape time:
 collection runs on the event loop and must stay O(1).
+
+Every label value cachenode can produce is created at start with 0 (``prime``): a series that
+first appears already at 1 hides that increase from ``rate()`` and ``increase()``, and alerts on
+rare events (an integrity failure) would miss the first one.
 """
 
 from __future__ import annotations
@@ -11,6 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _FILL = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+STATUSES = ("hit", "miss", "joined", "bypass", "denied", "error")
+AUTHZ = ("allowed", "cached", "stale", "denied", "error")
+FILL_OUTCOMES = ("ok", "integrity", "error", "no_room")
+TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_found")
+EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted")
+PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
+               "no_tier", "tier_failed", "no_room")  # fmt: skip
 
 
 class Metrics:
@@ -74,3 +87,25 @@ class Metrics:
         self.passthrough = Counter(
             p + "passthrough", "Downloads passed to Glance, by reason", ["reason"], registry=r
         )
+
+    def prime(self, tiers: list[str]) -> None:
+        """Create every series this sidecar can produce, at 0 (see the module's docstring)."""
+        for status in STATUSES:
+            self.requests.labels(status)
+        for status in ("hit", "miss", "joined"):
+            self.ttfb.labels(status)
+        for outcome in AUTHZ:
+            self.authz.labels(outcome)
+        for reason in EVICTIONS:
+            self.evictions.labels(reason)
+        for reason in PASSTHROUGH:
+            self.passthrough.labels(reason)
+        self.served_bytes.labels("l1")
+        for tier in tiers:
+            self.served_bytes.labels(tier)
+            self.upstream_bytes.labels(tier)
+            self.integrity_failures.labels(tier)
+            for outcome in FILL_OUTCOMES:
+                self.fills.labels(tier, outcome)
+            for kind in TIER_FAILURES:
+                self.tier_failures.labels(tier, kind)

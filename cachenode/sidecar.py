@@ -39,6 +39,7 @@ class Sidecar:
         self._session = aiohttp.ClientSession(auto_decompress=False)
         glance = GlanceClient(self._session, cfg.glance_url, cfg.glance_timeout)
         self.tiers = TierSet([build_tier(t) for t in cfg.tiers], self.metrics)
+        self.metrics.prime([t.name for t in cfg.tiers])
         self.janitor = Janitor(self.local, cfg.policy, self.metrics, cfg.janitor_interval)
         self.fills = Fills(self.local, self.tiers, self.metrics, make_room=self.janitor.make_room)
         self.proxy = Proxy(cfg.glance_url)
