@@ -19,6 +19,8 @@ import os
 import secrets
 from pathlib import Path
 
+import psutil
+
 from cachenode.errors import StoreError
 
 
@@ -118,8 +120,11 @@ class BlobStore:
     def committed_ids(self) -> set[str]:
         return {p.name for sub in self.blob_dir.iterdir() if sub.is_dir() for p in sub.iterdir()}
 
-    def disk_usage(self) -> os.statvfs_result:
-        return os.statvfs(self.root)
+    def disk_usage(self) -> tuple[int, int]:
+        """(total, free) bytes of the filesystem under the cache; free as an unprivileged
+        process may use it, which is what the cache's user gets."""
+        usage = psutil.disk_usage(str(self.root))
+        return usage.total, usage.free
 
 
 def _fsync_dir(path: Path) -> None:

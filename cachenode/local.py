@@ -8,6 +8,7 @@ caller still reads all of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -94,11 +95,9 @@ class Local:
     def _publish(self) -> None:
         self.metrics.cache_bytes.set(self.total_bytes)
         self.metrics.cache_entries.set(self.total_entries)
-        try:
-            st = self.blobs.disk_usage()
-            self.metrics.disk_free.set(st.f_bavail * st.f_frsize)
-        except OSError:
-            pass  # a transient statvfs failure only delays the gauge
+        # A transient failure to read the filesystem only delays the gauge.
+        with contextlib.suppress(OSError):
+            self.metrics.disk_free.set(self.blobs.disk_usage()[1])
 
     async def lookup(self, image_id: str) -> tuple[Entry, IO[bytes]] | None:
         """The entry and its open blob, or None. Records the hit for LRU/LFU."""
@@ -157,12 +156,9 @@ class Local:
 
     async def usage(self) -> Usage:
         """Bytes in L1 and the state of the filesystem under it."""
-        st = await self._run(self.blobs.disk_usage)
-        free = st.f_bavail * st.f_frsize
+        total, free = await self._run(self.blobs.disk_usage)
         self.metrics.disk_free.set(free)
-        return Usage(
-            cache_bytes=self.total_bytes, disk_total=st.f_blocks * st.f_frsize, disk_free=free
-        )
+        return Usage(cache_bytes=self.total_bytes, disk_total=total, disk_free=free)
 
     async def create_partial(self, image_id: str, size: int) -> Partial:
         path, fd = await self._run(self.blobs.create_partial, image_id, size)
