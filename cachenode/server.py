@@ -206,9 +206,9 @@ class DataPlane:
         """A range beyond the bytes landed, fetched from the first tier that honours Range."""
         for tier in self.fills.candidates(fill.image.id):
             try:
-                async with tier.open(fill.image, creds, rng.start, rng.end) as body:
-                    if body.offset != rng.start:
-                        continue  # the tier ignored the range: the fill will get there
+                # exact: a tier that would answer with the whole image says so (RangeNotSupported)
+                # and the range is left to the fill instead.
+                async with tier.open(fill.image, creds, rng.start, rng.end, exact=True) as body:
                     resp = self._response(
                         fill.size, rng, fill.image.checksum, status.upper(), tier.name
                     )
