@@ -67,7 +67,9 @@ class Sidecar:
         )
 
     async def _listen(self, app: web.Application, address: tuple[str, int]) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # On SIGTERM, streams in flight get this long to finish before they are cut (the unit and
+        # the DaemonSet allow 30 s in all).
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=15.0)
         await runner.setup()
         await web.TCPSite(runner, address[0], address[1], backlog=1024).start()
         self._runners.append(runner)
