@@ -7,6 +7,8 @@ which runs them in an executor.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +20,7 @@ import diskcache
 from cachenode.errors import StoreError
 
 SCHEMA = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,25 @@ class Catalog:
 
     def __init__(self, directory: Path) -> None:
         try:
-            # cachenode evicts by its own policies; diskcache must never drop a record by itself.
-            self._db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
+            self._db = self._open(directory)
+        except sqlite3.DatabaseError as exc:
+            # A catalog that is not a database (a torn disk, a stray write) must not keep the
+            # host's cache down: set it aside and start empty; the blobs it described are
+            # dropped at start (they cannot be proven any more) and refilled on demand.
+            aside = directory.with_name(f"{directory.name}.corrupt-{int(time.time())}")
+            log.error("the catalog in %s is unreadable (%s); moved to %s, starting empty",
+                      directory, exc, aside)  # fmt: skip
+            directory.rename(aside)
+            self._db = self._open(directory)
         except (OSError, diskcache.Timeout) as exc:
             raise StoreError(f"cannot open the catalog in {directory}: {exc}") from exc
+
+    @staticmethod
+    def _open(directory: Path) -> diskcache.Cache:
+        # cachenode evicts by its own policies; diskcache must never drop a record by itself.
+        db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
+        db.check(fix=False)  # reads every page header: a corrupt file fails here, not later
+        return db
 
     def close(self) -> None:
         self._db.close()
