@@ -40,6 +40,10 @@ from cachenode.ranges import ByteRange, resolve
 from cachenode.ranges import parse as parse_range
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("cachenode.access")
+SENT = web.RequestKey(
+    "sent", int
+)  # body bytes a download handler sent (sendfile bypasses the writer)
 T = TypeVar("T")
 
 
@@ -54,7 +58,7 @@ class DataPlane:
     service_creds: Credentials | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._access, self._errors])
         # HEAD is Glance's to answer (405): only GET goes through the cache.
         app.router.add_get("/v2/images/{image_id}/file", self.download, allow_head=False)
         app.router.add_route("*", "/{tail:.*}", self.passthrough)
@@ -144,6 +148,7 @@ class DataPlane:
             try:
                 await _sendfile(request, fobj, start, end - start)
                 self.metrics.served_bytes.labels("l1").inc(end - start)
+                request[SENT] = end - start
                 await resp.write_eof()
             except ConnectionError:
                 pass  # the caller went away; nothing of ours to clean
@@ -186,6 +191,7 @@ class DataPlane:
                     if limit > sent:
                         await _sendfile(request, fobj, sent, limit - sent)
                         self.metrics.served_bytes.labels(fill.tier).inc(limit - sent)
+                        request[SENT] = limit - start
                         sent = limit
                     else:
                         await fill.wait(partial(_beyond, fill, end, sent))
@@ -228,6 +234,7 @@ class DataPlane:
                     except ConnectionError:
                         return resp
                     self.metrics.served_bytes.labels(tier.name).inc(sent)
+                    request[SENT] = sent
                     if sent < rng.length:
                         _cut(request)
                         return resp
@@ -301,6 +308,24 @@ class DataPlane:
         resp.headers["Accept-Ranges"] = "bytes"
         resp.headers["X-Cachenode-Status"] = status
         resp.headers["X-Cachenode-Tier"] = tier or "none"
+        return resp
+
+    @web.middleware
+    async def _access(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """One log line per image download (never a header: tokens stay out of logs)."""
+        if not request.path.endswith("/file") or request.method != "GET":
+            return await handler(request)
+        started = time.monotonic()
+        resp = await handler(request)
+        access.info(
+            "GET %s %d %s %s %d bytes %.3fs",
+            request.path,
+            resp.status,
+            resp.headers.get("X-Cachenode-Status", "-"),
+            resp.headers.get("X-Cachenode-Tier", "-"),
+            request.get(SENT, resp.body_length),
+            time.monotonic() - started,
+        )
         return resp
 
     @web.middleware
