@@ -66,4 +66,4 @@ cmp -s "$WORK/cli.raw" "$WORK/image.raw" && echo "   glance image-download: ok"
 
 echo "== a few of cachenode's metrics (http://127.0.0.1:$ADMIN/metrics)"
 curl -s "http://127.0.0.1:$ADMIN/metrics" \
-  | grep -E '^cachenode_(requests_total|fills_total|served_bytes_total|upstream_bytes_total|cache_bytes)[{ ]'
+  | grep -E '^cachenode_(requests_total|fills_total|served_bytes_total|upstream_bytes_total|cache_bytes)[{ ]' | grep -v ' 0.0$'
