@@ -7,6 +7,7 @@ which runs them in an executor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -89,7 +90,7 @@ class Catalog:
 
     def touch(self, image_id: str, now: float | None = None) -> Entry | None:
         """Record one more hit; the read-modify-write runs in one SQLite transaction."""
-        with self._db.transact():
+        with _translated(), self._db.transact():
             entry = self.get(image_id)
             if entry is None:
                 return None
@@ -110,14 +111,23 @@ class Catalog:
         )
 
     def entries(self) -> Iterator[Entry]:
-        for key in list(self._db.iterkeys()):
+        with _translated():
+            keys = list(self._db.iterkeys())
+        for key in keys:
             if isinstance(key, tuple) and key[0] == "entry":
                 entry = self.get(key[1])
                 if entry is not None:
                     yield entry
 
     def _call(self, fn: Any, *args: Any) -> Any:
-        try:
+        with _translated():
             return fn(*args, retry=True)
-        except (OSError, diskcache.Timeout) as exc:
-            raise StoreError(f"catalog: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """diskcache's and SQLite's failures, as the StoreError the rest of cachenode handles."""
+    try:
+        yield
+    except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+        raise StoreError(f"catalog: {exc}") from exc

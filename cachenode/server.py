@@ -103,7 +103,14 @@ class DataPlane:
             return await self._bypass(request, "no_data")
         # Twice at most: a fill may commit between our L1 miss and our start of another one.
         for _ in range(2):
-            hit = await self.local.lookup(image_id)
+            try:
+                hit = await self.local.lookup(image_id)
+            except StoreError as exc:
+                # A broken L1 (catalog, disk) must not cost the caller the image.
+                log.error(
+                    "L1 look-up of %s failed: %s; passing the download to Glance", image_id, exc
+                )
+                return await self._bypass(request, "store_error")
             if hit is not None:
                 return await self._serve_hit(request, started, *hit)
             if decision.stale:

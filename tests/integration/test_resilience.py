@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import requests
 
 from tests.support.glance import ALICE, BOB, Glance
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
+
+FAULTS = Path(__file__).resolve().parents[1] / "support" / "faults"
 
 
 def test_stale_if_error_serves_recently_approved_hits_while_glance_is_down(
@@ -91,3 +94,21 @@ def test_hostile_input_is_answered_and_harms_nothing(glance: Glance, sidecar: Si
     assert [b.name for b in sidecar.blobs()] == [image.id] and sidecar.partials() == []
     again = sidecar.get(image.id, ALICE)  # still serving
     assert again.status_code == 200 and again.headers["X-Cachenode-Status"] == "HIT"
+
+
+def test_a_broken_catalog_passes_downloads_through(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    trigger = tmp_path / "catalog-broken"
+    faults = {"PYTHONPATH": str(FAULTS), "CACHENODE_FAULT_CATALOG": str(trigger)}
+    sidecar = sidecar_factory().start(env=faults)
+    image = glance.create_image(1 << 20)
+    assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
+    trigger.touch()  # from now on, the catalog cannot be read
+    resp = sidecar.get(image.id, ALICE)
+    assert resp.status_code == 200 and resp.content == image.data  # Glance answers instead
+    assert resp.headers["X-Cachenode-Status"] == "BYPASS"
+    assert sidecar.metric("cachenode_passthrough_total", reason="store_error") == 1
+    assert "injected" in sidecar.log()
+    trigger.unlink()  # healed: back to hits
+    assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "HIT"

@@ -48,13 +48,13 @@ class Sidecar:
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self) -> Sidecar:
+    def start(self, env: dict[str, str] | None = None) -> Sidecar:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cachenode", "serve", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
