@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
 
@@ -98,6 +98,32 @@ class HttpSource:
         if self._session is not None:
             await self._session.close()
 
+    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
+        """The image's URL and the headers that authenticate the request, for this kind."""
+        raise NotImplementedError
+
+    @asynccontextmanager
+    async def open(
+        self,
+        image: ImageInfo,
+        creds: Credentials | None,
+        start: int = 0,
+        end: int | None = None,
+        exact: bool = False,
+    ) -> AsyncIterator[HttpBody]:
+        """Bytes [start, end) of the image (the Tier contract). A resume (``start`` > 0, not
+        ``exact``) that the server refuses as a Range is read from 0 instead: the fill skips
+        what it has, which beats giving up on the tier."""
+        url, headers = self.locate(image, creds)
+        async with AsyncExitStack() as stack:
+            try:
+                body = await stack.enter_async_context(self.get(url, headers, start, end, exact))
+            except RangeNotSupported:
+                if exact or start == 0:
+                    raise
+                body = await stack.enter_async_context(self.get(url, headers, 0, None))
+            yield body
+
     @asynccontextmanager
     async def get(
         self,
@@ -154,17 +180,7 @@ class HttpSource:
 class HttpTier(HttpSource):
     """``url`` with ``{image_id}`` in it, or a base to which ``/<image id>`` is appended."""
 
-    def url_for(self, image_id: str) -> str:
+    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
         if "{image_id}" in self.config.url:
-            return self.config.url.replace("{image_id}", image_id)
-        return f"{self.config.url}/{image_id}"
-
-    def open(
-        self,
-        image: ImageInfo,
-        creds: Credentials | None,
-        start: int = 0,
-        end: int | None = None,
-        exact: bool = False,
-    ) -> AbstractAsyncContextManager[HttpBody]:
-        return self.get(self.url_for(image.id), {}, start, end, exact)
+            return self.config.url.replace("{image_id}", image.id), {}
+        return f"{self.config.url}/{image.id}", {}

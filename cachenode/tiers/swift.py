@@ -17,14 +17,13 @@ import hashlib
 import hmac
 import os
 import time
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from cachenode.config import TierConfig
 from cachenode.errors import TierUnavailable
 from cachenode.glance import Credentials, ImageInfo
-from cachenode.tiers.http import HttpBody, HttpSource
+from cachenode.tiers.http import HttpSource
 
 _SCHEMES = ("swift", "swift+http", "swift+https", "swift+config")
 
@@ -86,19 +85,11 @@ class SwiftTier(HttpSource):
         signature = hmac.new(self._key.value().encode(), message, hashlib.sha256).hexdigest()
         return f"{url}?temp_url_sig={signature}&temp_url_expires={expires}"
 
-    def open(
-        self,
-        image: ImageInfo,
-        creds: Credentials | None,
-        start: int = 0,
-        end: int | None = None,
-        exact: bool = False,
-    ) -> AbstractAsyncContextManager[HttpBody]:
+    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
         try:
             headers = {"X-Auth-Token": self._token.value()} if self._token else {}
-            url = self.signed(self.object_path(image))
+            return self.signed(self.object_path(image)), headers
         except OSError as exc:
             raise TierUnavailable(
                 self.name, f"credentials unreadable: {exc.strerror}", kind="credentials"
             ) from None
-        return self.get(url, headers, start, end, exact)
