@@ -3,7 +3,7 @@
 A positive decision may be reused for ``authz.ttl`` per (credentials digest, image). Refusals are
 never reused: a caller granted access a second later must not wait out a TTL. With
 ``authz.stale_if_error`` a positive decision also survives, for that long, a Glance that cannot be
-reached; the handler uses such a stale permit for L1 hits only.
+reached; the handler uses such a stale decision for L1 hits only.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachenode.errors import GlanceRefused, GlanceUnavailable
-from cachenode.glance import Credentials, GlanceClient, Permit
+from cachenode.glance import Credentials, GlanceClient
 from cachenode.metrics import Metrics
 
 
 @dataclass(frozen=True)
 class Decision:
-    permit: Permit | None
+    """Glance allows the download; ``has_data`` False: allowed, but nothing to cache."""
+
+    has_data: bool
     stale: bool = False
 
 
 @dataclass
 class _Remembered:
-    permit: Permit
+    has_data: bool
     fresh_until: float
     stale_until: float
 
@@ -59,9 +61,9 @@ class Authorizer:
         known = self._remembered.get(key)
         if known is not None and now < known.fresh_until:
             self.metrics.authz.labels("cached").inc()
-            return Decision(known.permit)
+            return Decision(known.has_data)
         try:
-            permit = await self.glance.probe(image_id, creds)
+            has_data = await self.glance.probe(image_id, creds)
         except GlanceRefused:
             self._remembered.pop(key, None)
             self.metrics.authz.labels("denied").inc()
@@ -69,22 +71,22 @@ class Authorizer:
         except GlanceUnavailable:
             if known is not None and now < known.stale_until:
                 self.metrics.authz.labels("stale").inc()
-                return Decision(known.permit, stale=True)
+                return Decision(known.has_data, stale=True)
             self.metrics.authz.labels("error").inc()
             raise
         self.metrics.authz.labels("allowed").inc()
-        if permit is not None and (self.ttl > 0 or self.stale_if_error > 0):
-            self._remember(key, permit, now)
-        return Decision(permit)
+        if has_data and (self.ttl > 0 or self.stale_if_error > 0):
+            self._remember(key, has_data, now)
+        return Decision(has_data)
 
     def forget(self, image_id: str) -> None:
         """Drop every decision about an image (it was deleted or deactivated)."""
         for key in [k for k in self._remembered if k[1] == image_id]:
             del self._remembered[key]
 
-    def _remember(self, key: tuple[bytes, str], permit: Permit, now: float) -> None:
+    def _remember(self, key: tuple[bytes, str], has_data: bool, now: float) -> None:
         self._remembered[key] = _Remembered(
-            permit, fresh_until=now + self.ttl, stale_until=now + self.ttl + self.stale_if_error
+            has_data, fresh_until=now + self.ttl, stale_until=now + self.ttl + self.stale_if_error
         )
         self._remembered.move_to_end(key)
         while len(self._remembered) > self.max_entries:

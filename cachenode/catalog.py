@@ -20,7 +20,6 @@ import diskcache
 
 from cachenode.errors import StoreError
 
-SCHEMA = 1
 log = logging.getLogger(__name__)
 
 

@@ -38,7 +38,6 @@ HOP_BY_HOP = frozenset(
 )
 # Glance's canonical image id; only these are cached (they also make safe file names).
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 # Glance's own image attributes; everything else in an image record is a user property.
 _CORE_FIELDS = frozenset(
     (
@@ -99,6 +98,13 @@ class Credentials:
     def __bool__(self) -> bool:
         return bool(self.headers)
 
+    @property
+    def well_formed(self) -> bool:
+        """OpenStack tokens are ASCII (Keystone's are base64url). Header bytes beyond ASCII
+        cannot be passed on to Glance unchanged by this HTTP stack, so such credentials are
+        refused here rather than forwarded altered."""
+        return all(value.isascii() for _, value in self.headers)
+
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -140,14 +146,6 @@ class ImageInfo:
         if self.checksum:
             return "md5", self.checksum.lower()
         return None
-
-
-@dataclass(frozen=True)
-class Permit:
-    """Glance agreed that the caller may download the image; size when Glance told it."""
-
-    size: int | None
-    checksum: str | None
 
 
 def relay_headers(headers: CIMultiDictProxy[str] | Mapping[str, str]) -> CIMultiDict[str]:
@@ -192,10 +190,10 @@ class GlanceClient:
         self.url = url
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._key = secrets.token_bytes(32)
-        self._probes: SingleFlight[Permit | None] = SingleFlight()
+        self._probes: SingleFlight[bool] = SingleFlight()
         self._images: SingleFlight[ImageInfo] = SingleFlight()
 
-    async def probe(self, image_id: str, creds: Credentials) -> Permit | None:
+    async def probe(self, image_id: str, creds: Credentials) -> bool:
         """Whether ``creds`` may download the image (see ``_probe``); identical calls coalesce."""
         key = (creds.digest(self._key), image_id)
         return await self._probes.run(key, lambda: self._probe(image_id, creds))
@@ -205,31 +203,25 @@ class GlanceClient:
         key = (creds.digest(self._key), image_id)
         return await self._images.run(key, lambda: self._image(image_id, creds))
 
-    async def _probe(self, image_id: str, creds: Credentials) -> Permit | None:
+    async def _probe(self, image_id: str, creds: Credentials) -> bool:
         """Ask Glance whether ``creds`` may download the image, without downloading it.
 
         A one-byte ranged GET of the image file goes through the same checks as a download
         (``download_image`` policy, deactivation, visibility) and costs Glance one byte; the
         metadata call (GET /v2/images/ID) would let a reader-only token through. Glance refuses
         Range on stores without random access (Swift) with 400, but only after the caller was
-        authorized, so that 400 means yes. Returns None when the image has no data (204) or is
-        empty (416): nothing to cache.
+        authorized, so that 400 means yes. True: allowed, with data to cache; False: allowed, but
+        the image has no data (204) or is empty (416). A refusal raises GlanceRefused.
         """
         url = f"{self.url}/v2/images/{image_id}/file"
         headers = {**dict(creds.headers), "Range": "bytes=0-0"}
         try:
             async with self.session.get(url, headers=headers, timeout=self.timeout) as resp:
-                if resp.status in (200, 206):
-                    size = None
-                    if m := _CONTENT_RANGE.match(resp.headers.get("Content-Range", "")):
-                        size = int(m.group(3))
-                    # Close instead of reading: a 200 would be the whole image.
-                    resp.close()
-                    return Permit(size=size, checksum=resp.headers.get("Content-MD5"))
+                if resp.status in (200, 206, 400):
+                    resp.close()  # never read: a 200 would be the whole image
+                    return True
                 if resp.status in (204, 416):
-                    return None
-                if resp.status == 400:
-                    return Permit(size=None, checksum=resp.headers.get("Content-MD5"))
+                    return False
                 body = await resp.read()
                 raise self._refusal(resp, body)
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -75,6 +75,9 @@ class DataPlane:
         if "," in request.headers.get("Range", ""):
             return await self._bypass(request, "multi_range")  # Glance answers these (400)
         creds = Credentials.from_headers(request.headers)
+        if not creds.well_formed:
+            self.metrics.requests.labels("denied").inc()
+            return _error(401, "Unauthorized", "malformed credentials")
         record = None
         if image_id not in self.local and self.fills.get(image_id) is None:
             # Likely a miss, which needs the image record: ask for it while Glance authorizes.
@@ -99,7 +102,7 @@ class DataPlane:
             if exc.status == 404 and image_id in self.local:
                 await self._evict_if_gone(image_id)
             raise
-        if decision.permit is None:
+        if not decision.has_data:
             return await self._bypass(request, "no_data")
         # Twice at most: a fill may commit between our L1 miss and our start of another one.
         for _ in range(2):

@@ -85,12 +85,6 @@ def string(value: object) -> str:
     return value
 
 
-def boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_kind(value)}")
-    return value
-
-
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
