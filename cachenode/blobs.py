@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from cachenode import crash
 from cachenode.errors import StoreError
 
 
@@ -75,6 +76,7 @@ class BlobStore:
                 view, offset = view[n:], offset + n
         except OSError as exc:
             raise StoreError(f"write failed: {exc.strerror}") from exc
+        crash.point("fill.chunk")
 
     def commit(self, partial: Path, fd: int, image_id: str) -> Path:
         """Make the partial file the image's blob: fsync, rename, fsync the folder."""
@@ -82,9 +84,11 @@ class BlobStore:
         try:
             os.fsync(fd)
             os.close(fd)
+            crash.point("commit.fsynced")
             final.parent.mkdir(exist_ok=True)
             os.rename(partial, final)
             _fsync_dir(final.parent)
+            crash.point("commit.renamed")
         except OSError as exc:
             raise StoreError(f"cannot commit {image_id}: {exc.strerror}") from exc
         return final

@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import IO
 
+from cachenode import crash
 from cachenode.catalog import Entry
 from cachenode.errors import (
     CachenodeError,
@@ -223,6 +224,7 @@ class Fills:
             )
             sink = await self._download(fill, part, creds)
             self._verify(fill, sink.hexdigest())
+            crash.point("fill.verified")
             fill.verified = True
             fill._notify()
             await self.local.commit(part, self._entry(fill))

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from cachenode import crash
 from cachenode.blobs import BlobStore
 from cachenode.catalog import Catalog, Entry
 from cachenode.errors import StoreError
@@ -121,6 +122,7 @@ class Local:
                 fobj.close()
                 raise StoreError(f"blob {image_id} has the wrong size")
             self.catalog.touch(image_id)
+            crash.point("touch.cataloged")
         except BaseException:
             fobj.close()
             raise
@@ -176,6 +178,7 @@ class Local:
             part.path.unlink(missing_ok=True)
             raise
         self.catalog.put(entry)
+        crash.point("commit.cataloged")
         self._count(entry.image_id, entry.size, added=True)
 
     async def discard(self, part: Partial) -> None:
@@ -191,7 +194,9 @@ class Local:
         if entry is None:
             return 0
         self.catalog.delete(image_id)
+        crash.point("evict.uncataloged")
         self.blobs.remove(image_id)
+        crash.point("evict.removed")
         self._count(image_id, entry.size, added=False)
         self.metrics.evictions.labels(reason).inc()
         self.metrics.evicted_bytes.inc(entry.size)
