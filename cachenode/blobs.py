@@ -13,7 +13,6 @@ an executor.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import secrets
@@ -82,8 +81,10 @@ class BlobStore:
         """Make the partial file the image's blob: fsync, rename, fsync the folder."""
         final = self.path(image_id)
         try:
-            os.fsync(fd)
-            os.close(fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)  # the commit owns the descriptor: closed once, whatever happens
             crash.point("commit.fsynced")
             final.parent.mkdir(exist_ok=True)
             os.rename(partial, final)
@@ -94,12 +95,12 @@ class BlobStore:
         return final
 
     @staticmethod
-    def discard(partial: Path, fd: int | None) -> None:
-        if fd is not None:
-            # Already closed by a commit that failed after close: the unlink below is what matters.
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        partial.unlink(missing_ok=True)
+    def discard(partial: Path | None, fds: list[int]) -> None:
+        """Close the descriptors (each owned by the caller, closed once) and remove the file."""
+        for fd in fds:
+            os.close(fd)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
 
     def remove(self, image_id: str) -> int:
         """Delete the blob; readers that hold it open keep reading until they close it."""
@@ -121,8 +122,14 @@ class BlobStore:
             removed.append(path)
         return removed
 
-    def committed_ids(self) -> set[str]:
-        return {p.name for sub in self.blob_dir.iterdir() if sub.is_dir() for p in sub.iterdir()}
+    def committed(self) -> dict[str, int]:
+        """Every blob on disk and its size."""
+        return {
+            p.name: p.stat().st_size
+            for sub in self.blob_dir.iterdir()
+            if sub.is_dir()
+            for p in sub.iterdir()
+        }
 
     def disk_usage(self) -> tuple[int, int]:
         """(total, free) bytes of the filesystem under the cache; free as an unprivileged

@@ -15,7 +15,9 @@ used, ``raise ... from exc``, into the most specific of these::
      │    └── RangeNotSupported   the tier cannot start at an offset
      ├── IntegrityError           the bytes do not match Glance's size or hash
      ├── FillFailed               no tier could deliver the image
+     ├── FillBroken               a fill failed while a reader streamed it: cut the connection
      └── StoreError               the local disk failed (full, read-only, I/O error)
+          └── NoRoom              the policy cannot make room for the image
 
 The HTTP layer maps them to statuses in one table (``cachenode.server``).
 """
@@ -116,5 +118,13 @@ class FillFailed(CachenodeError):
     """Every tier was tried and none delivered the whole image."""
 
 
+class FillBroken(CachenodeError):
+    """The fill a reader streams from failed before its bytes verified; headers are out."""
+
+
 class StoreError(CachenodeError):
     """The local disk could not take or give an entry."""
+
+
+class NoRoom(StoreError):
+    """The policy cannot make room for the image: it is passed through, evicting nothing."""

@@ -27,19 +27,22 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import IO
 
 from cachenode import crash
 from cachenode.catalog import Entry
 from cachenode.errors import (
     CachenodeError,
+    FillBroken,
     FillFailed,
     IntegrityError,
+    NoRoom,
     StoreError,
 )
 from cachenode.fetch import Fetch, Provenance
 from cachenode.glance import Credentials, ImageInfo
-from cachenode.local import Local, Partial
+from cachenode.local import Local, Partial, finish
 from cachenode.metrics import Metrics
 from cachenode.sink import Sink
 from cachenode.tiers import Tier, TierSet
@@ -124,21 +127,20 @@ class Fill:
         event.set()
 
     @contextlib.asynccontextmanager
-    async def reader(self) -> AsyncIterator[Callable[[], IO[bytes] | None]]:
-        """Register a reader; yields a function that opens its own handle on the fill's file.
+    async def reader(self) -> AsyncIterator[Callable[[], IO[bytes]]]:
+        """Register a reader for as long as it streams; yields a function that opens the reader's
+        own handle on the fill's file, to be called once ``ready`` returned.
 
-        The fill keeps its file open while any reader is registered, so a reader that opens late
-        (after commit, even after an eviction) still reads the same bytes.
+        The fill keeps its file open while any reader is registered, so a reader still reads the
+        same bytes after the commit, even after an eviction.
         """
         self.readers += 1
         opened: list[IO[bytes]] = []
 
-        def open_handle() -> IO[bytes] | None:
-            if self._read_fd is None:
-                return None
-            fobj = os.fdopen(os.dup(self._read_fd), "rb")
-            opened.append(fobj)
-            return fobj
+        def open_handle() -> IO[bytes]:
+            assert self._read_fd is not None, "a fill with sendable bytes has a file"
+            opened.append(os.fdopen(os.dup(self._read_fd), "rb"))
+            return opened[-1]
 
         try:
             yield open_handle
@@ -148,10 +150,41 @@ class Fill:
             self.readers -= 1
             self._close_if_unused()
 
+    async def ready(self, start: int) -> None:
+        """Wait until byte ``start`` may be sent. Raises the fill's error if it failed first:
+        the caller has received nothing yet and can still get a status (or a pass-through)."""
+        await self.wait(lambda: self.readable() > start)
+        if self.failed:
+            assert self.error is not None
+            raise self.error
+
+    async def spans(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """The bytes [start, end) as (offset, count) spans, in order, as each may be sent.
+
+        This is the one rule of streaming from a fill: a byte goes out once it has landed, the
+        image's last byte only once the whole image verified. If the fill fails before that,
+        ``FillBroken`` is raised: headers are out, so the reader must cut its connection rather
+        than finish a body the fill could not vouch for.
+        """
+        sent = start
+        while sent < end:
+            if self.failed:
+                raise FillBroken(f"the fill of {self.image.id} failed at byte {sent}")
+            limit = min(self.readable(), end)
+            if limit > sent:
+                yield sent, limit - sent
+                sent = limit
+            else:
+                await self.wait(partial(_beyond, self, end, sent))
+
+    def attach(self, read_fd: int) -> None:
+        """Take ownership of a read-only descriptor on the partial file (closed when unused)."""
+        self._read_fd = read_fd
+
     def _close_if_unused(self) -> None:
         if self.done and self.readers == 0 and self._read_fd is not None:
-            os.close(self._read_fd)
-            self._read_fd = None
+            fd, self._read_fd = self._read_fd, None
+            os.close(fd)
 
 
 class Fills:
@@ -194,54 +227,62 @@ class Fills:
     def candidates(self, image_id: str) -> list[Tier]:
         return self.tiers.candidates(self.excluded(image_id))
 
-    def start(self, image: ImageInfo, creds: Credentials | None) -> Fill:
-        """The running fill of this image, or a new one. Never awaits: no two can start.
-
-        The image must be cacheable: a size and something to verify it against.
+    def start(self, image: ImageInfo, creds: Credentials | None) -> tuple[Fill, bool]:
+        """The running fill of this image, or a new one, and whether it is new. Never awaits:
+        no two can start. The image must be cacheable: a size and a hash to verify it against.
         """
         fill = self._running.get(image.id)
         if fill is not None:
-            return fill
+            return fill, False
         verifier = image.verifier()
         if not image.size or verifier is None:
             raise ValueError(f"image {image.id} has no size or hash to verify a fill against")
         fill = Fill(image, image.size, verifier)
         self._running[image.id] = fill
         fill.task = asyncio.create_task(self._run(fill, creds), name=f"fill-{image.id}")
-        return fill
+        return fill, True
 
     async def _run(self, fill: Fill, creds: Credentials | None) -> None:
+        """Reserve, download, verify, commit; one cleanup whatever happened (even a cancel)."""
         started = time.monotonic()
         self.metrics.inflight_fills.inc()
         part: Partial | None = None
-        outcome = "error"
         try:
             if self.make_room is not None and not await self.make_room(fill.size):
-                raise StoreError(f"no room for {fill.size} bytes within the policy")
-            part = await self.local.create_partial(fill.image.id, fill.size)
-            fill._read_fd = await asyncio.get_running_loop().run_in_executor(
-                None, os.open, part.path, os.O_RDONLY | os.O_CLOEXEC
-            )
-            sink = await self._download(fill, part, creds)
-            self._verify(fill, sink.hexdigest())
+                raise NoRoom(f"no room for {fill.size} bytes within the policy")
+            part = Partial(fill.image.id)
+            await finish(self.local.create_partial(part, fill.size))
+            fill.attach(part.take_reader())
+            await self._download(fill, part, creds)
             crash.point("fill.verified")
-            fill.verified = True
-            fill._notify()
-            await self.local.commit(part, self._entry(fill))
-            part = None
+            await finish(self.local.commit(part, self._entry(fill)))
             fill.state = State.COMMITTED
-            outcome = "ok"
-            self.metrics.fill_duration.observe(time.monotonic() - started)
-            log.info(
-                "filled %s: %d bytes from %s in %.2fs",
-                fill.image.id,
-                fill.size,
-                ",".join(fill.provenance.tiers),
-                time.monotonic() - started,
-            )
-        except IntegrityError as exc:
-            outcome = "integrity"
-            self._fail(fill, exc)
+            self._succeeded(fill, started)
+        except BaseException as exc:
+            fill.error = self._failed(fill, exc)
+            if not isinstance(exc, Exception):
+                raise  # a cancel (shutdown): cleaned up below, then passed on
+        finally:
+            if part is not None:
+                await finish(self.local.discard(part))  # nothing left of a commit that happened
+            # Readers learn the outcome only now, when nothing partial is left on disk.
+            if fill.error is not None:
+                fill.state = State.FAILED
+            del self._running[fill.image.id]
+            self.metrics.inflight_fills.dec()
+            self.metrics.fills.labels(fill.tier or "none", self._outcome(fill)).inc()
+            fill._close_if_unused()
+            fill._notify()
+
+    def _succeeded(self, fill: Fill, started: float) -> None:
+        elapsed = time.monotonic() - started
+        self.metrics.fill_duration.observe(elapsed)
+        log.info("filled %s: %d bytes from %s in %.2fs",
+                 fill.image.id, fill.size, ",".join(fill.provenance.tiers), elapsed)  # fmt: skip
+
+    def _failed(self, fill: Fill, exc: BaseException) -> CachenodeError:
+        """What the fill's readers are told, with the log line and metrics of each failure."""
+        if isinstance(exc, IntegrityError):
             for tier in exc.tiers:
                 self.metrics.integrity_failures.labels(tier).inc()
             self._bad_tiers[fill.image.id] = (
@@ -249,45 +290,37 @@ class Fills:
                 self.clock() + self.quarantine,
             )
             log.error("%s; not committed, tiers %s skipped for it", exc, ",".join(exc.tiers))
-        except StoreError as exc:
-            outcome = "no_room" if fill.landed == 0 else "error"
-            self._fail(fill, exc)
+            return exc
+        if isinstance(exc, StoreError):
             log.warning("fill of %s stopped by the local disk: %s", fill.image.id, exc)
-        except FillFailed as exc:
-            self._fail(fill, exc)
+            return exc
+        if isinstance(exc, FillFailed):
             log.warning("fill of %s failed: %s", fill.image.id, exc)
-        except Exception as exc:
+            return exc
+        if isinstance(exc, Exception):
             # A bug of ours: fail this fill loudly rather than leave its readers waiting.
-            log.exception("fill of %s crashed", fill.image.id)
-            self._fail(fill, FillFailed(f"internal error: {type(exc).__name__}"))
-        except asyncio.CancelledError:
-            self._fail(fill, FillFailed("shutting down"))
-            if part is not None:
-                # No awaiting once cancelled: discard synchronously (start-up would clean it too).
-                if part.fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(part.fd)
-                part.path.unlink(missing_ok=True)
-                part = None
-            raise
-        finally:
-            if part is not None:
-                await self.local.discard(part)
-            # Readers learn the outcome only now, when nothing partial is left on disk.
-            if fill.error is not None:
-                fill.state = State.FAILED
-            del self._running[fill.image.id]
-            self.metrics.inflight_fills.dec()
-            self.metrics.fills.labels(fill.tier or "none", outcome).inc()
-            fill._close_if_unused()
-            fill._notify()
+            log.error("fill of %s crashed", fill.image.id, exc_info=exc)
+            return FillFailed(f"internal error: {type(exc).__name__}")
+        return FillFailed("shutting down")
 
     @staticmethod
-    def _fail(fill: Fill, exc: CachenodeError) -> None:
-        fill.error = exc
+    def _outcome(fill: Fill) -> str:
+        if fill.state is State.COMMITTED:
+            return "ok"
+        if isinstance(fill.error, IntegrityError):
+            return "integrity"
+        if isinstance(fill.error, NoRoom) or (
+            isinstance(fill.error, StoreError) and not fill.landed
+        ):
+            return "no_room"
+        return "error"
 
-    async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> Sink:
-        """Every byte of the image into the partial file, from the tiers; returns the sink."""
+    async def _download(self, fill: Fill, part: Partial, creds: Credentials | None) -> None:
+        """Every byte of the image into the partial file, from the tiers, then verified.
+
+        The sink's threads are stopped (their last write done) before this returns, whatever
+        happened: the descriptor they write to is closed right after.
+        """
         assert part.fd is not None
         sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance)
         fetch = Fetch(fill.image, fill.size, sink, self.tiers, self.candidates(fill.image.id),
@@ -295,8 +328,10 @@ class Fills:
         try:
             await fetch.run()
         finally:
-            sink.close()
-        return sink
+            await finish(sink.aclose())
+        self._verify(fill, sink.hexdigest())
+        fill.verified = True
+        fill._notify()
 
     @staticmethod
     def _verify(fill: Fill, digest: str) -> None:
@@ -329,3 +364,8 @@ class Fills:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _beyond(fill: Fill, end: int, sent: int) -> bool:
+    """Whether the fill has bytes for a reader that sent up to ``sent`` and stops at ``end``."""
+    return min(fill.readable(), end) > sent

@@ -37,7 +37,7 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Glance's canonical image id; only these are cached (they also make safe file names).
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Glance's own image attributes; everything else in an image record is a user property.
 _CORE_FIELDS = frozenset(
     (
@@ -71,7 +71,8 @@ _CORE_FIELDS = frozenset(
 
 
 def is_image_id(value: str) -> bool:
-    return bool(_UUID.match(value))
+    """Whole-string match: ``$`` would also accept a trailing newline (a forged log line)."""
+    return _UUID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

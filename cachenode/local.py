@@ -13,8 +13,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -30,13 +29,54 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
 class Partial:
-    """A fill's file while it is being written."""
+    """A fill's file while it is being written, and the two descriptors it owns.
 
-    image_id: str
-    path: Path
-    fd: int | None
+    Each descriptor has exactly one owner at a time: this object, until ``take`` or
+    ``take_reader`` hands it on (to a commit, to the Fill's readers). Whoever holds it closes it,
+    once. Created on the event loop before any thread touches the disk, so a cancel at any await
+    still finds it and discards what the thread made.
+    """
+
+    def __init__(self, image_id: str) -> None:
+        self.image_id = image_id
+        self.path: Path | None = None
+        self.fd: int | None = None
+        self.read_fd: int | None = None
+
+    def take(self) -> int:
+        assert self.fd is not None, "the write descriptor was handed on already"
+        fd, self.fd = self.fd, None
+        return fd
+
+    def take_reader(self) -> int:
+        assert self.read_fd is not None, "the read descriptor was handed on already"
+        fd, self.read_fd = self.read_fd, None
+        return fd
+
+
+async def finish(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even if this task is cancelled meanwhile, then pass the cancel on.
+
+    Disk work handed to a thread cannot be stopped halfway; what follows it (closing its
+    descriptor, unlinking its file) must never overlap it.
+    """
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+        except Exception:
+            break  # task is done; its exception is raised below
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancel is what this task reports
+        raise asyncio.CancelledError
+    return task.result()
 
 
 class Local:
@@ -47,7 +87,7 @@ class Local:
         self.catalog = Catalog(root / "catalog")
         self.total_bytes = 0
         self.total_entries = 0
-        self._ids: set[str] = set()
+        self._ids: dict[str, int] = {}  # the catalog's entries and sizes, in memory
         self._totals = threading.Lock()  # commits and evictions run on different executor threads
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -60,23 +100,25 @@ class Local:
     def _reconcile(self) -> None:
         for path in self.blobs.clean_partials():
             log.info("removed the partial file of an interrupted fill: %s", path.name)
-        on_disk = self.blobs.committed_ids()
-        total, ids = 0, set()
+        on_disk = self.blobs.committed()
+        ids: dict[str, int] = {}
         for entry in list(self.catalog.entries()):
-            if entry.image_id not in on_disk:
-                log.warning("catalog entry %s has no blob; dropping it", entry.image_id)
+            size = on_disk.pop(entry.image_id, None)
+            if size != entry.size:
+                log.warning("catalog entry %s has %s; dropping it", entry.image_id,
+                            "no blob" if size is None else f"a blob of {size} bytes")  # fmt: skip
                 self.catalog.delete(entry.image_id)
+                if size is not None:
+                    self.blobs.remove(entry.image_id)
                 continue
-            on_disk.discard(entry.image_id)
-            ids.add(entry.image_id)
-            total += entry.size
+            ids[entry.image_id] = entry.size
         for orphan in on_disk:
             # Renamed into place but the catalog record never written (a crash in between):
             # the bytes were verified, but without the record we cannot prove it; refill.
             log.warning("blob %s has no catalog entry; removing it", orphan)
             self.blobs.remove(orphan)
         with self._totals:
-            self._ids, self.total_bytes, self.total_entries = ids, total, len(ids)
+            self._ids, self.total_bytes, self.total_entries = ids, sum(ids.values()), len(ids)
         self._publish()
 
     def __contains__(self, image_id: str) -> bool:
@@ -85,11 +127,10 @@ class Local:
 
     def _count(self, image_id: str, size: int, added: bool) -> None:
         with self._totals:
+            self.total_bytes -= self._ids.pop(image_id, 0)
             if added:
-                self._ids.add(image_id)
-            else:
-                self._ids.discard(image_id)
-            self.total_bytes += size if added else -size
+                self._ids[image_id] = size
+                self.total_bytes += size
             self.total_entries = len(self._ids)
         self._publish()
 
@@ -109,24 +150,32 @@ class Local:
     def _lookup(self, image_id: str) -> tuple[Entry, IO[bytes]] | None:
         entry = self.catalog.get(image_id)
         if entry is None:
+            log.warning("L1 index had %s but the catalog does not; dropping it", image_id)
+            self._count(image_id, 0, added=False)
             return None
         try:
             fobj = open(self.blobs.path(image_id), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
-            log.warning("catalog entry %s lost its blob; dropping it", image_id)
-            if self.catalog.delete(image_id):
-                self._count(image_id, entry.size, added=False)
+            self._drop(entry, "its blob is missing")
             return None
+        except OSError as exc:
+            raise StoreError(f"cannot open the blob of {image_id}: {exc.strerror}") from exc
         try:
             if os.fstat(fobj.fileno()).st_size != entry.size:
                 fobj.close()
-                raise StoreError(f"blob {image_id} has the wrong size")
+                self._drop(entry, "its blob has the wrong size")
+                return None
             self.catalog.touch(image_id)
             crash.point("touch.cataloged")
         except BaseException:
             fobj.close()
             raise
         return entry, fobj
+
+    def _drop(self, entry: Entry, why: str) -> None:
+        """L1 disagrees with itself about an entry: it goes, and the caller is filled again."""
+        log.error("L1 entry %s dropped: %s", entry.image_id, why)
+        self._evict(entry.image_id, "inconsistent")
 
     async def verify(self, entry: Entry) -> bool:
         """Re-hash the entry's blob (in the executor); whether it still matches its record."""
@@ -162,28 +211,43 @@ class Local:
         self.metrics.disk_free.set(free)
         return Usage(cache_bytes=self.total_bytes, disk_total=total, disk_free=free)
 
-    async def create_partial(self, image_id: str, size: int) -> Partial:
-        path, fd = await self._run(self.blobs.create_partial, image_id, size)
-        return Partial(image_id, path, fd)
+    async def create_partial(self, part: Partial, size: int) -> None:
+        """Create ``part``'s file with ``size`` bytes reserved, open for writing and reading."""
+        await self._run(self._create_partial, part, size)
+
+    def _create_partial(self, part: Partial, size: int) -> None:
+        part.path, part.fd = self.blobs.create_partial(part.image_id, size)
+        try:
+            part.read_fd = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(f"cannot open {part.path}: {exc.strerror}") from exc
 
     async def commit(self, part: Partial, entry: Entry) -> None:
-        await self._run(self._commit, part, entry)
+        """Make ``part`` the image's entry. Takes its write descriptor, closed whatever happens;
+        on failure nothing of the entry is left (no blob without its record)."""
+        assert part.path is not None
+        await self._run(self._commit, part.path, part.take(), entry)
 
-    def _commit(self, part: Partial, entry: Entry) -> None:
-        assert part.fd is not None
-        fd, part.fd = part.fd, None
+    def _commit(self, path: Path, fd: int, entry: Entry) -> None:
         try:
-            self.blobs.commit(part.path, fd, entry.image_id)
+            self.blobs.commit(path, fd, entry.image_id)
         except StoreError:
-            part.path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
-        self.catalog.put(entry)
+        try:
+            self.catalog.put(entry)
+        except StoreError:
+            self.blobs.remove(entry.image_id)
+            raise
         crash.point("commit.cataloged")
         self._count(entry.image_id, entry.size, added=True)
 
     async def discard(self, part: Partial) -> None:
-        fd, part.fd = part.fd, None
-        await self._run(self.blobs.discard, part.path, fd)
+        """Close what ``part`` still owns and remove its file (gone already after a commit)."""
+        fds = [fd for fd in (part.fd, part.read_fd) if fd is not None]
+        part.fd = part.read_fd = None
+        if part.path is not None or fds:
+            await self._run(self.blobs.discard, part.path, fds)
 
     async def evict(self, image_id: str, reason: str) -> int:
         """Remove an entry; returns the bytes freed (0 when it was not there)."""
@@ -194,12 +258,17 @@ class Local:
         if entry is None:
             return 0
         self.catalog.delete(image_id)
-        crash.point("evict.uncataloged")
-        self.blobs.remove(image_id)
-        crash.point("evict.removed")
+        # The index follows the catalog: without its record the blob is never served again, so
+        # the entry is gone even if the blob below cannot be removed (start-up removes it then).
         self._count(image_id, entry.size, added=False)
         self.metrics.evictions.labels(reason).inc()
         self.metrics.evicted_bytes.inc(entry.size)
+        crash.point("evict.uncataloged")
+        try:
+            self.blobs.remove(image_id)
+        except StoreError as exc:
+            log.error("evicted %s, but its blob stays until the next start: %s", image_id, exc)
+        crash.point("evict.removed")
         log.info("evicted %s (%d bytes): %s", image_id, entry.size, reason)
         return entry.size
 

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from functools import partial
 from typing import IO, Any, TypeVar
 
 from aiohttp import web
@@ -24,10 +23,12 @@ from cachenode.authz import Authorizer
 from cachenode.catalog import Entry
 from cachenode.errors import (
     CachenodeError,
+    FillBroken,
     FillFailed,
     GlanceRefused,
     GlanceUnavailable,
     IntegrityError,
+    NoRoom,
     StoreError,
     TierError,
 )
@@ -104,32 +105,22 @@ class DataPlane:
             raise
         if not decision.has_data:
             return await self._bypass(request, "no_data")
-        # Twice at most: a fill may commit between our L1 miss and our start of another one.
-        for _ in range(2):
-            try:
-                hit = await self.local.lookup(image_id)
-            except StoreError as exc:
-                # A broken L1 (catalog, disk) must not cost the caller the image.
-                log.error(
-                    "L1 look-up of %s failed: %s; passing the download to Glance", image_id, exc
-                )
-                return await self._bypass(request, "store_error")
-            if hit is not None:
-                return await self._serve_hit(request, started, *hit)
-            if decision.stale:
-                raise GlanceUnavailable("glance is unreachable and the image is not in L1")
-            fill, status = self.fills.get(image_id), "joined"
-            if fill is None:
-                image = await (record or self.glance.image(image_id, creds))
-                if reason := self._uncacheable(image):
-                    return await self._bypass(request, reason)
-                if image_id in self.local:
-                    continue
-                fill, status = self.fills.get(image_id), "joined"
-                if fill is None:
-                    fill, status = self.fills.start(image, creds), "miss"
-            return await self._serve_fill(request, started, fill, status, creds)
-        raise AssertionError("an image committed twice in one request")
+        if (hit := await self.local.lookup(image_id)) is not None:
+            return await self._serve_hit(request, started, *hit)
+        if decision.stale:
+            raise GlanceUnavailable("glance is unreachable and the image is not in L1")
+        fill, status = self.fills.get(image_id), "joined"
+        if fill is None:
+            image = await (record or self.glance.image(image_id, creds))
+            if reason := self._uncacheable(image):
+                return await self._bypass(request, reason)
+            if (hit := await self.local.lookup(image_id)) is not None:
+                return await self._serve_hit(request, started, *hit)  # committed meanwhile
+            fill, started_it = self.fills.start(image, creds)
+            status = "miss" if started_it else "joined"
+        if fill.verified:
+            status = "hit"  # every byte is local and proven: what was a join is now a hit
+        return await self._serve_fill(request, started, fill, status, creds)
 
     def _uncacheable(self, image: ImageInfo) -> str | None:
         """Why this image goes to Glance instead of the cache, or None."""
@@ -180,32 +171,30 @@ class DataPlane:
                 resp = await self._range_from_tiers(request, started, fill, rng, creds, status)
                 if resp is not None:
                     return resp
-            await fill.wait(lambda: fill.readable() > start)
-            if fill.failed:
-                return await self._after_failed_fill(request, fill)
-            resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), fill.tier)
+            try:
+                # An IntegrityError goes on to the error table (502), never to pass-through: the
+                # bad bytes may have come from Glance's own cache, which would serve them again.
+                await fill.ready(start)
+            except NoRoom:
+                return await self._bypass(request, "no_room")
+            except StoreError:
+                return await self._bypass(request, "store_error")
+            except FillFailed:
+                return await self._bypass(request, "tier_failed")
+            fobj = open_handle()
+            tier = "l1" if status == "hit" else fill.tier
+            resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), tier)
             await resp.prepare(request)
             self.metrics.requests.labels(status).inc()
             self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
-            fobj = open_handle()
-            assert fobj is not None, "a fill with readable bytes has a file"
-            sent = start
             try:
-                while sent < end:
-                    if fill.failed:
-                        _cut(
-                            request
-                        )  # never let a caller finish a body the fill could not vouch for
-                        return resp
-                    limit = min(fill.readable(), end)
-                    if limit > sent:
-                        await _sendfile(request, fobj, sent, limit - sent)
-                        self.metrics.served_bytes.labels(fill.tier).inc(limit - sent)
-                        request[SENT] = limit - start
-                        sent = limit
-                    else:
-                        await fill.wait(partial(_beyond, fill, end, sent))
+                async for offset, count in fill.spans(start, end):
+                    await _sendfile(request, fobj, offset, count)
+                    self.metrics.served_bytes.labels(tier or "none").inc(count)
+                    request[SENT] = offset + count - start
                 await resp.write_eof()
+            except FillBroken:
+                _cut(request)  # never let a caller finish a body the fill could not vouch for
             except ConnectionError:
                 pass  # the caller went away; the fill goes on for the next one
             return resp
@@ -253,15 +242,6 @@ class DataPlane:
             except TierError as exc:
                 log.info("range of %s from %s: %s", fill.image.id, tier.name, exc)
         return None
-
-    async def _after_failed_fill(self, request: web.Request, fill: Fill) -> web.StreamResponse:
-        """The fill failed before this caller got a byte: the best answer that is still safe."""
-        if isinstance(fill.error, IntegrityError):
-            # Glance (or its cache) may be what sent the bad bytes: passing through could hand
-            # the caller a clean-looking corrupt image. The next request uses the next tier.
-            raise fill.error
-        reason = "no_room" if isinstance(fill.error, StoreError) else "tier_failed"
-        return await self._bypass(request, reason)
 
     async def _bypass(self, request: web.Request, reason: str) -> web.StreamResponse:
         self.metrics.passthrough.labels(reason).inc()
@@ -329,7 +309,7 @@ class DataPlane:
         resp = await handler(request)
         access.info(
             "GET %s %d %s %s %d bytes %.3fs",
-            request.path,
+            request.raw_path,  # as sent, percent-encoding and all: one request, one line
             resp.status,
             resp.headers.get("X-Cachenode-Status", "-"),
             resp.headers.get("X-Cachenode-Tier", "-"),
@@ -389,11 +369,6 @@ def _background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     task = asyncio.ensure_future(coro)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return task
-
-
-def _beyond(fill: Fill, end: int, sent: int) -> bool:
-    """Whether the fill has bytes for a reader that sent up to ``sent`` and stops at ``end``."""
-    return min(fill.readable(), end) > sent
 
 
 def _cut(request: web.Request) -> None:

@@ -112,9 +112,13 @@ class Sink:
         if self._error is not None:
             raise self._error
 
-    def close(self) -> None:
-        """Stop both threads; jobs still queued (after a failure) are dropped."""
-        for job in self._jobs:
-            job.cancel()
-        self._writer.shutdown(wait=False, cancel_futures=True)
-        self._hashing.shutdown(wait=False, cancel_futures=True)
+    async def aclose(self) -> None:
+        """Stop both threads: jobs still queued (after a failure) are dropped, and this returns
+        only once the job each thread is running has finished. Only then may the descriptor be
+        closed: a write still in flight would land in whatever file reuses its number."""
+        loop = asyncio.get_running_loop()
+        for pool in (self._writer, self._hashing):
+            await loop.run_in_executor(None, partial(pool.shutdown, wait=True, cancel_futures=True))
+        # Every job is now done or cancelled; collect their outcomes so none is left unretrieved.
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+        self._jobs.clear()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import random
+import threading
 import time
 from itertools import accumulate
 from pathlib import Path
@@ -35,7 +36,7 @@ def run_sink(
             assert sink.landed == offsets[-1]
             return sink.hexdigest()
         finally:
-            sink.close()
+            await sink.aclose()
 
     try:
         digest = asyncio.run(main())
@@ -91,3 +92,43 @@ def test_a_failed_write_stops_the_sink_and_lands_nothing_after_it(tmp_path: Path
 
     with pytest.raises(StoreError, match="No space left"):
         run_sink(tmp_path, [b"x" * 100] * 20, failing_write)
+
+
+def test_no_write_is_in_flight_once_the_sink_is_closed(tmp_path: Path) -> None:
+    """A write fails mid-fill while the next ones are queued or running: ``aclose`` returns only
+    when no write runs any more, so the descriptor can be closed (and its number reused) safely.
+    """
+    events: list[str] = []
+    started = threading.Event()
+
+    def write(fd: int, data: bytes, offset: int) -> None:
+        events.append(f"start {offset}")
+        if offset == 300:
+            started.set()
+            raise StoreError("write failed: Input/output error")
+        time.sleep(0.02)  # a slow disk: the next writes are queued behind this one
+        BlobStore.write(fd, data, offset)
+        events.append(f"end {offset}")
+
+    async def main(fd: int) -> None:
+        sink = Sink(fd, "sha512", write, lambda landed: None)
+        try:
+            with pytest.raises(StoreError, match="Input/output"):
+                for i in range(40):
+                    await sink.put(b"x" * 100, i * 100)
+                await sink.drain()
+        finally:
+            await sink.aclose()
+            events.append("closed")
+
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT)
+    try:
+        asyncio.run(main(fd))
+    finally:
+        os.close(fd)
+    assert started.is_set()
+    closed = events.index("closed")
+    assert all(e == "closed" for e in events[closed:])  # nothing wrote after the close
+    begun = [e for e in events[:closed] if e.startswith("start")]
+    ended = [e for e in events[:closed] if e.startswith("end")]
+    assert len(begun) == len(ended) + 1  # every write but the failed one finished before it
