@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cachenode.catalog import Entry
 from cachenode.config import Secret
-from cachenode.errors import CachenodeError, GlanceRefused, GlanceUnavailable
+from cachenode.errors import AdminError, CachenodeError, http_status
 from cachenode.fill import Fill, Fills
 from cachenode.glance import is_image_id
 from cachenode.janitor import Janitor, Warmer
@@ -36,13 +36,6 @@ from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.policy import Policy, is_pinned
 from cachenode.units import parse_duration
-
-
-class AdminError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -201,14 +194,8 @@ class Admin:
                 return _error(401, "admin token required", {"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
-        except AdminError as exc:
-            return _error(exc.status, exc.message)
-        except GlanceRefused as exc:
-            return _error(exc.status, f"Glance answered {exc.status}")
-        except GlanceUnavailable as exc:
-            return _error(503, str(exc))
         except CachenodeError as exc:
-            return _error(500, str(exc))
+            return _error(*http_status(exc))
 
 
 def _image_id(request: web.Request) -> str:

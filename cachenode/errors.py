@@ -5,6 +5,7 @@ used, ``raise ... from exc``, into the most specific of these::
 
     CachenodeError
      ├── ConfigError              a config or policy file is invalid (exit status 2)
+     ├── AdminError               an admin API call is wrong (its own 4xx status)
      ├── GlanceRefused            Glance refused the caller: relayed to it unchanged
      ├── GlanceUnavailable        glance.url could not answer (connect, timeout, 5xx)
      ├── TierError                one tier could not deliver (fill fails over to the next)
@@ -19,7 +20,7 @@ used, ``raise ... from exc``, into the most specific of these::
      └── StoreError               the local disk failed (full, read-only, I/O error)
           └── NoRoom              the policy cannot make room for the image
 
-The HTTP layer maps them to statuses in one table (``cachenode.server``).
+Both listeners map them to statuses with one table, ``http_status`` below.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class ConfigError(CachenodeError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
+        self.message = message
+
+
+class AdminError(CachenodeError):
+    """An admin API call the sidecar refuses, with its 4xx status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
         self.message = message
 
 
@@ -128,3 +138,30 @@ class StoreError(CachenodeError):
 
 class NoRoom(StoreError):
     """The policy cannot make room for the image: it is passed through, evicting nothing."""
+
+
+# The one table from our exceptions to HTTP statuses, for the data plane and the admin API alike:
+# the first row whose class matches wins; a status of None means "the status the exception
+# carries" (Glance's own answer, relayed; an admin error's 4xx).
+_STATUSES: tuple[tuple[type[CachenodeError], int | None, str], ...] = (
+    (AdminError, None, "Bad Request"),
+    (GlanceRefused, None, "Glance refused the request"),
+    (GlanceUnavailable, 503, "Glance cannot be reached to authorize this request"),
+    (IntegrityError, 502, "the image's bytes did not match its hash; try again"),
+    (FillFailed, 502, "no tier could deliver the image"),
+    (TierError, 502, "no tier could deliver the image"),
+    (FillBroken, 502, "the image's fill failed"),
+    (StoreError, 503, "the local cache failed"),
+    (ConfigError, 400, "invalid setting"),
+)
+
+
+def http_status(exc: CachenodeError) -> tuple[int, str]:
+    """The HTTP status and a message for one of our exceptions."""
+    for kind, status, message in _STATUSES:
+        if isinstance(exc, kind):
+            carried = getattr(exc, "status", None)
+            if status is None or (isinstance(exc, GlanceUnavailable) and carried is not None):
+                return int(carried or 500), str(exc) if isinstance(exc, AdminError) else message
+            return status, message
+    return 500, "cachenode failed"

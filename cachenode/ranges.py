@@ -2,18 +2,18 @@
 
 Glance parses ``Range`` with webob, which is laxer than RFC 9110 (and than aiohttp's parser):
 spaces are allowed around ``=`` and ``-``, anything after the first range spec is ignored, and
-``bytes=-0`` means the whole image. Clients must not notice the cache, so ``parse`` follows webob,
-and ``resolve`` does what Glance does once the size is known: a start at or past the end is
-unsatisfiable (416), a suffix longer than the image is the whole image. Several ranges are never
-parsed here: they go to Glance, which refuses them (400).
+``bytes=-0`` means the whole image. Clients must not notice the cache, so ``parse`` is webob's own
+parser (``webob.byterange.Range.parse``, what Glance calls), not a copy of it, and ``resolve``
+does what Glance does once the size is known: a start at or past the end is unsatisfiable (416),
+a suffix longer than the image is the whole image. Several ranges are never parsed here: they go
+to Glance, which refuses them (400).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-_RANGE = re.compile(r"bytes *= *(\d*) *- *(\d*)", re.IGNORECASE)
+from webob.byterange import Range
 
 
 class Unsatisfiable(ValueError):
@@ -38,18 +38,10 @@ def parse(header: str) -> slice:
 
     Raises ValueError for what Glance answers with 416 (malformed, or end before start).
     """
-    m = _RANGE.match(header)
-    if not m or not (m.group(1) or m.group(2)):
+    parsed = Range.parse(header)
+    if parsed is None:
         raise ValueError(f"malformed Range: {header!r}")
-    first, last = m.group(1), m.group(2)
-    if not first:
-        return slice(-int(last), None)
-    start = int(first)
-    if not last:
-        return slice(start, None)
-    if start > int(last):
-        raise ValueError(f"Range ends before it starts: {header!r}")
-    return slice(start, int(last) + 1)
+    return slice(parsed.start, parsed.end)
 
 
 def resolve(wanted: slice, size: int) -> ByteRange:

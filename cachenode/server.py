@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import IO, Any, TypeVar
 
 from aiohttp import web
@@ -27,10 +28,10 @@ from cachenode.errors import (
     FillFailed,
     GlanceRefused,
     GlanceUnavailable,
-    IntegrityError,
     NoRoom,
     StoreError,
     TierError,
+    http_status,
 )
 from cachenode.fill import Fill, Fills
 from cachenode.glance import Credentials, GlanceClient, ImageInfo, is_image_id
@@ -330,22 +331,13 @@ class DataPlane:
 
 
 def error_response(exc: CachenodeError) -> web.Response:
-    """The one table from our exceptions to HTTP answers."""
-    if isinstance(exc, GlanceRefused):
+    """Our exception as the caller sees it: Glance's own answers relayed as they came (status,
+    headers, body), everything else by the one table (``errors.http_status``) as a JSON body
+    shaped like Glance's."""
+    if isinstance(exc, GlanceRefused | GlanceUnavailable) and exc.status is not None:
         return web.Response(status=exc.status, headers=exc.headers, body=exc.body)
-    if isinstance(exc, GlanceUnavailable):
-        if exc.status is not None:
-            return web.Response(status=exc.status, headers=exc.headers, body=exc.body)
-        return _error(
-            503, "Service Unavailable", "Glance cannot be reached to authorize this download"
-        )
-    if isinstance(exc, IntegrityError):
-        return _error(502, "Bad Gateway", "the image's bytes did not match its hash; try again")
-    if isinstance(exc, FillFailed | TierError):
-        return _error(502, "Bad Gateway", "no tier could deliver the image")
-    if isinstance(exc, StoreError):
-        return _error(503, "Service Unavailable", "the local cache failed")
-    return _error(500, "Internal Server Error", "cachenode failed")
+    status, message = http_status(exc)
+    return _error(status, HTTPStatus(status).phrase, message)
 
 
 def _error(
