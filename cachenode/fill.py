@@ -239,13 +239,13 @@ class Fills:
             raise ValueError(f"image {image.id} has no size or hash to verify a fill against")
         fill = Fill(image, image.size, verifier)
         self._running[image.id] = fill
+        self.metrics.inflight_fills.inc()
         fill.task = asyncio.create_task(self._run(fill, creds), name=f"fill-{image.id}")
         return fill, True
 
     async def _run(self, fill: Fill, creds: Credentials | None) -> None:
         """Reserve, download, verify, commit; one cleanup whatever happened (even a cancel)."""
         started = time.monotonic()
-        self.metrics.inflight_fills.inc()
         part: Partial | None = None
         try:
             if self.make_room is not None and not await self.make_room(fill.size):
@@ -360,10 +360,18 @@ class Fills:
         )
 
     async def close(self) -> None:
+        """Cancel every fill and wait for each one's cleanup."""
         tasks = [f.task for f in self._running.values() if f.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A fill cancelled before its task first ran never reached its own cleanup: it had
+        # nothing on disk yet, but its readers must still hear that it is over.
+        for fill in list(self._running.values()):
+            fill.error, fill.state = FillFailed("shutting down"), State.FAILED
+            del self._running[fill.image.id]
+            self.metrics.inflight_fills.dec()
+            fill._notify()
 
 
 def _beyond(fill: Fill, end: int, sent: int) -> bool:

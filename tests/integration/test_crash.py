@@ -76,3 +76,22 @@ def test_a_corrupt_catalog_is_set_aside_and_the_cache_starts_empty(
     assert sidecar.blobs() == []  # what the lost catalog described cannot be proven: refilled
     again = sidecar.get(image.id, ALICE)
     assert again.headers["X-Cachenode-Status"] == "MISS" and again.content == image.data
+
+
+def test_a_blob_that_disagrees_with_its_record_is_refilled_not_bypassed(
+    glance: Glance, sidecar: Sidecar
+) -> None:
+    """L1 never disagrees with itself into a 500 or a permanent bypass: a blob cut short behind
+    the sidecar's back is dropped on the next hit, and that caller is filled from the tiers."""
+    image = glance.create_image(1 << 20)
+    assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
+    assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "HIT"
+    (blob,) = sidecar.blobs()
+    with blob.open("r+b") as f:
+        f.truncate(1000)
+    resp = sidecar.get(image.id, ALICE)
+    assert resp.status_code == 200 and resp.content == image.data
+    assert resp.headers["X-Cachenode-Status"] == "MISS"
+    assert sidecar.metric("cachenode_evictions_total", reason="inconsistent") == 1
+    again = sidecar.get(image.id, ALICE)
+    assert again.headers["X-Cachenode-Status"] == "HIT" and again.content == image.data

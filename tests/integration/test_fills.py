@@ -1,0 +1,258 @@
+"""Fills in-process, over a real L1 on disk and a real HTTP tier on 127.0.0.1 (our upstream, for
+its faults): descriptors, cancellation, disagreeing L1 state, and the quarantine clock."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachenode.config import TierConfig
+from cachenode.errors import FillFailed, IntegrityError, StoreError
+from cachenode.fill import Fills
+from cachenode.glance import ImageInfo
+from cachenode.local import Local
+from cachenode.metrics import Metrics
+from cachenode.tiers import TierSet, build_tier
+from tests.support.upstream import Fault, Upstream
+
+IMAGE_ID = "0b7e7e6e-1d3a-4c55-9a2f-6f0d2b7c1a11"
+
+
+def image_of(data: bytes) -> ImageInfo:
+    return ImageInfo(
+        id=IMAGE_ID, status="active", size=len(data), checksum=hashlib.md5(data).hexdigest(),
+        hash_algo="sha512", hash_value=hashlib.sha512(data).hexdigest(),
+    )  # fmt: skip
+
+
+def open_fds() -> set[str]:
+    """The image files (partial or committed) this process has open. (Sockets of connection
+    pools and the catalog's SQLite connections, one per thread, are not the fill's.)"""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if "/partial/" in target or "/blobs/" in target:
+            found.add(f"{fd} {target}")
+    return found
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def fills_over(
+    root: Path, upstream: Upstream, clock: Callable[[], float] | None = None
+) -> AsyncIterator[Fills]:
+    metrics = Metrics()
+    local = Local(root, metrics)
+    await local.start()
+    tier = build_tier(TierConfig(name="origin", kind="http", url=upstream.url))
+    tiers = TierSet([tier], metrics)
+    metrics.prime(["origin"])
+    fills = Fills(local, tiers, metrics, **({"clock": clock} if clock else {}))
+    try:
+        yield fills
+    finally:
+        await fills.close()
+        await tiers.close()
+        local.close()
+
+
+def test_a_write_failing_mid_fill_is_the_last_write_before_the_discard(tmp_path: Path) -> None:
+    """The disk fails a write halfway: the fill fails, and no write of it runs after its
+    partial file was discarded and its descriptors closed (one owner, no write in flight)."""
+    data = os.urandom(6 << 20)
+    events: list[str] = []
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            real_write, real_discard = fills.local.blobs.write, fills.local.blobs.discard
+
+            def write(fd: int, chunk: Any, offset: int) -> None:
+                events.append("write")
+                if offset >= len(data) // 2:
+                    raise StoreError("write failed: Input/output error")
+                threading.Event().wait(0.002)  # a slow disk keeps writes queued behind this one
+                real_write(fd, chunk, offset)
+                events.append("wrote")
+
+            def discard(path: Path | None, fds: list[int]) -> None:
+                events.append("discard")
+                real_discard(path, fds)
+
+            fills.local.blobs.write = write  # type: ignore[method-assign]
+            fills.local.blobs.discard = discard  # type: ignore[method-assign]
+            before = open_fds()
+            fill, _ = fills.start(image_of(data), None)
+            assert fill.task is not None
+            await fill.task
+            assert isinstance(fill.error, StoreError)
+            assert open_fds() <= before  # both descriptors of the partial file are closed
+            assert fills.local.metrics.fills.labels("origin", "error")._value.get() == 1
+
+    with Upstream(blobs={IMAGE_ID: data}, chunk=256 << 10) as upstream:
+        asyncio.run(main())
+    assert events.count("discard") == 1
+    assert "write" not in events[events.index("discard") :]
+    assert list((tmp_path / "cache" / "partial").iterdir()) == []
+    assert not (tmp_path / "cache" / "blobs" / IMAGE_ID[:2] / IMAGE_ID).exists()
+
+
+def test_a_cancel_during_commit_waits_for_it_and_leaves_one_consistent_state(
+    tmp_path: Path,
+) -> None:
+    """Shutdown (SIGTERM cancels every fill) lands while the commit is in its thread: the
+    cancel waits for the commit instead of closing its descriptor under it or unlinking its
+    file mid-rename; afterwards the entry is whole and recorded, and no descriptor is left."""
+    data = os.urandom(1 << 20)
+    in_commit, release = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            real_commit = fills.local.blobs.commit
+
+            def commit(path: Path, fd: int, image_id: str) -> Path:
+                in_commit.set()
+                release.wait(10)
+                return real_commit(path, fd, image_id)
+
+            fills.local.blobs.commit = commit  # type: ignore[method-assign]
+            before = open_fds()
+            fill, _ = fills.start(image_of(data), None)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, in_commit.wait, 10)
+            closing = asyncio.create_task(fills.close())  # what SIGTERM does
+            for _ in range(20):
+                await asyncio.sleep(0)  # the cancel is delivered while the commit is held
+            assert fill.task is not None and not fill.task.done()
+            release.set()
+            await closing
+            assert fill.task.cancelled()
+            assert open_fds() <= before
+            entry = await fills.local.get(IMAGE_ID)
+            assert entry is not None and entry.size == len(data)  # the commit completed
+
+    with Upstream(blobs={IMAGE_ID: data}) as upstream:
+        asyncio.run(main())
+    blob = tmp_path / "cache" / "blobs" / IMAGE_ID[:2] / IMAGE_ID
+    assert blob.read_bytes() == data
+    assert list((tmp_path / "cache" / "partial").iterdir()) == []
+
+
+def test_a_blob_that_cannot_be_removed_leaves_l1_consistent(tmp_path: Path) -> None:
+    """An eviction whose blob removal fails: the entry is gone from the index and the catalog
+    alike (never a half-entry that makes a download fail); start-up removes the blob."""
+    data = os.urandom(256 << 10)
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            fill, _ = fills.start(image_of(data), None)
+            assert fill.task is not None
+            await fill.task
+            local = fills.local
+            assert IMAGE_ID in local
+
+            def remove(image_id: str) -> int:
+                raise StoreError("cannot remove: Read-only file system")
+
+            local.blobs.remove = remove  # type: ignore[method-assign]
+            assert await local.evict(IMAGE_ID, "requested") == len(data)
+            assert IMAGE_ID not in local
+            assert await local.lookup(IMAGE_ID) is None
+            assert await local.get(IMAGE_ID) is None
+            assert local.total_bytes == 0 and local.total_entries == 0
+
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            assert IMAGE_ID not in fills.local
+
+    with Upstream(blobs={IMAGE_ID: data}) as upstream:
+        asyncio.run(main())
+    assert not (tmp_path / "cache" / "blobs" / IMAGE_ID[:2] / IMAGE_ID).exists()
+
+
+def test_a_blob_of_the_wrong_size_is_dropped_not_served(tmp_path: Path) -> None:
+    data = os.urandom(256 << 10)
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            fill, _ = fills.start(image_of(data), None)
+            assert fill.task is not None
+            await fill.task
+            blob = fills.local.blobs.path(IMAGE_ID)
+            os.truncate(blob, 1000)
+            assert await fills.local.lookup(IMAGE_ID) is None
+            assert IMAGE_ID not in fills.local and not blob.exists()
+            evicted = fills.local.metrics.evictions.labels("inconsistent")._value.get()
+            assert evicted == 1
+
+    with Upstream(blobs={IMAGE_ID: data}) as upstream:
+        asyncio.run(main())
+
+
+def test_a_tier_that_sent_bad_bytes_is_skipped_until_the_quarantine_ends(tmp_path: Path) -> None:
+    data = os.urandom(256 << 10)
+    clock = Clock()
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream, clock) as fills:
+            fill, _ = fills.start(image_of(data), None)
+            assert fill.task is not None
+            await fill.task
+            assert isinstance(fill.error, IntegrityError)
+            assert fills.candidates(IMAGE_ID) == []
+            clock.now += fills.quarantine - 1
+            assert fills.candidates(IMAGE_ID) == []
+            fill, started = fills.start(image_of(data), None)
+            assert started and fill.task is not None
+            await fill.task
+            assert isinstance(fill.error, FillFailed)  # nothing to ask: no byte requested
+            clock.now += 2
+            assert [t.name for t in fills.candidates(IMAGE_ID)] == ["origin"]
+            fill, _ = fills.start(image_of(data), None)
+            assert fill.task is not None
+            await fill.task
+            assert fill.error is None and IMAGE_ID in fills.local
+
+    with Upstream(blobs={IMAGE_ID: data}, faults=[Fault("flip", at=1000)]) as upstream:
+        asyncio.run(main())
+        assert len(upstream.requests_for(IMAGE_ID)) == 2
+
+
+@pytest.mark.parametrize("cancel_at", ["reserve", "download"])
+def test_a_cancel_before_commit_leaves_no_file_and_no_descriptor(
+    tmp_path: Path, cancel_at: str
+) -> None:
+    data = os.urandom(4 << 20)
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            before = open_fds()
+            fill, _ = fills.start(image_of(data), None)
+            if cancel_at == "download":
+                await fill.wait(lambda: fill.landed > 0)
+            await fills.close()
+            assert fill.done and isinstance(fill.error, FillFailed)
+            assert open_fds() <= before
+            assert fills.get(IMAGE_ID) is None
+            assert fills.metrics.inflight_fills._value.get() == 0
+
+    throttle = Fault("throttle", rate=1 << 20, times=-1)
+    with Upstream(blobs={IMAGE_ID: data}, faults=[throttle]) as upstream:
+        asyncio.run(main())
+    assert list((tmp_path / "cache" / "partial").iterdir()) == []
