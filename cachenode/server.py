@@ -86,6 +86,11 @@ class DataPlane:
             record = _background(self.glance.image(image_id, creds))
         try:
             return await self._download(request, started, image_id, creds, record)
+        except StoreError as exc:
+            # A broken L1 (catalog, disk) must not cost the caller the image. Raised only by
+            # look-ups, before any response was prepared.
+            log.error("L1 failed for %s: %s; passing the download to Glance", image_id, exc)
+            return await self._bypass(request, "store_error")
         finally:
             if record is not None:
                 record.cancel()
