@@ -28,6 +28,7 @@ from cachenode.errors import (
     GlanceRefused,
     GlanceUnavailable,
     IntegrityError,
+    ProbeUndecided,
     StoreError,
     TierError,
 )
@@ -102,6 +103,8 @@ class DataPlane:
             if exc.status == 404 and image_id in self.local:
                 await self._evict_if_gone(image_id)
             raise
+        except ProbeUndecided:
+            return await self._bypass(request, "undecided")  # the caller gets Glance's answer
         if not decision.has_data:
             return await self._bypass(request, "no_data")
         # Twice at most: a fill may commit between our L1 miss and our start of another one.
