@@ -8,6 +8,7 @@ used, ``raise ... from exc``, into the most specific of these::
      ├── AdminError               an admin API call is wrong (its own 4xx status)
      ├── GlanceRefused            Glance refused the caller: relayed to it unchanged
      ├── GlanceUnavailable        glance.url could not answer (connect, timeout, 5xx)
+     ├── ProbeUndecided           the authorization probe got no answer that decides: pass through
      ├── TierError                one tier could not deliver (fill fails over to the next)
      │    ├── TierUnavailable     connect error, timeout, 5xx
      │    ├── TierShortRead       the body ended or broke before the expected size
@@ -77,6 +78,20 @@ class GlanceUnavailable(CachenodeError):
         self.status = status
         self.headers = dict(headers or {})
         self.body = body
+
+
+class ProbeUndecided(CachenodeError):
+    """The probe's answer is neither Glance's grant nor Glance's refusal (see ``judge_probe``).
+
+    The download is passed through, so the caller gets exactly what Glance (or the proxy in front
+    of it) answers its own request. ``failing``: the answer suggests Glance or the path to it is
+    failing (a 5xx, a connection dropped mid-answer), so a remembered decision may be used stale.
+    """
+
+    def __init__(self, detail: str, failing: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.failing = failing
 
 
 class TierError(CachenodeError):

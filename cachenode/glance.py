@@ -1,8 +1,9 @@
 """What cachenode asks glance.url: may this caller download this image, and what is the image.
 
 Every call carries the caller's own credentials; Glance's refusals come back as GlanceRefused with
-Glance's status, headers and body, to be relayed unchanged. aiohttp's exceptions are translated here
-and nowhere else.
+Glance's status, headers and body, to be relayed unchanged. No call follows a redirect: it would
+hand the credentials to whatever the Location names. aiohttp's exceptions are translated here and
+nowhere else.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
-from cachenode.errors import GlanceRefused, GlanceUnavailable
+from cachenode.authz import PROBE_BODY_LIMIT, ProbeAnswer, Verdict, judge_probe
+from cachenode.errors import GlanceRefused, GlanceUnavailable, ProbeUndecided
 
 CREDENTIAL_HEADERS = ("X-Auth-Token", "X-Service-Token")
 HOP_BY_HOP = frozenset(
@@ -77,13 +80,20 @@ def is_image_id(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Credentials:
-    """The caller's own token headers; never logged (repr hides them), never stored."""
+    """The caller's own token headers; never logged (repr hides them), never stored.
+
+    Every value is kept, repeats included: Glance must judge exactly what the caller sent (a
+    server may join two X-Auth-Token headers into one value that no token matches).
+    """
 
     headers: tuple[tuple[str, str], ...] = field(repr=False)
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> Credentials:
-        return cls(tuple((h, headers[h]) for h in CREDENTIAL_HEADERS if h in headers))
+    def from_headers(cls, headers: MultiMapping[str]) -> Credentials:
+        return cls(tuple((h, v) for h in CREDENTIAL_HEADERS for v in headers.getall(h, [])))
+
+    def header_map(self) -> CIMultiDict[str]:
+        return CIMultiDict(self.headers)
 
     @classmethod
     def token(cls, token: str) -> Credentials:
@@ -186,15 +196,19 @@ class SingleFlight(Generic[T]):
 
 
 class GlanceClient:
+    # Sizes of active images from records read; an image's data never changes once it is active.
+    MAX_SIZES = 100_000
+
     def __init__(self, session: aiohttp.ClientSession, url: str, timeout: float) -> None:
         self.session = session
         self.url = url
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._key = secrets.token_bytes(32)
-        self._probes: SingleFlight[bool] = SingleFlight()
+        self._probes: SingleFlight[Verdict] = SingleFlight()
         self._images: SingleFlight[ImageInfo] = SingleFlight()
+        self._sizes: OrderedDict[str, int] = OrderedDict()
 
-    async def probe(self, image_id: str, creds: Credentials) -> bool:
+    async def probe(self, image_id: str, creds: Credentials) -> Verdict:
         """Whether ``creds`` may download the image (see ``_probe``); identical calls coalesce."""
         key = (creds.digest(self._key), image_id)
         return await self._probes.run(key, lambda: self._probe(image_id, creds))
@@ -204,47 +218,80 @@ class GlanceClient:
         key = (creds.digest(self._key), image_id)
         return await self._images.run(key, lambda: self._image(image_id, creds))
 
-    async def _probe(self, image_id: str, creds: Credentials) -> bool:
+    async def _probe(self, image_id: str, creds: Credentials) -> Verdict:
         """Ask Glance whether ``creds`` may download the image, without downloading it.
 
         A one-byte ranged GET of the image file goes through the same checks as a download
         (``download_image`` policy, deactivation, visibility) and costs Glance one byte; the
-        metadata call (GET /v2/images/ID) would let a reader-only token through. Glance refuses
-        Range on stores without random access (Swift) with 400, but only after the caller was
-        authorized, so that 400 means yes. True: allowed, with data to cache; False: allowed, but
-        the image has no data (204) or is empty (416). A refusal raises GlanceRefused.
+        metadata call (GET /v2/images/ID) would let a reader-only token through. What the answer
+        means is ``judge_probe``'s to say; this method only asks and translates.
+
+        Returns GRANTED (allowed, with data to cache) or GRANTED_NO_DATA; raises GlanceRefused
+        (relay it), ProbeUndecided (pass the download through) or GlanceUnavailable (Glance
+        cannot be reached: the connection was never made, or nothing came back in time). A
+        connection that was made and then dropped or answered garbage is not "Glance is down":
+        glance-api under uWSGI drops a ranged GET of an image that has no data, where the
+        caller's own GET gets Glance's 204.
         """
         url = f"{self.url}/v2/images/{image_id}/file"
-        headers = {**dict(creds.headers), "Range": "bytes=0-0"}
+        headers = creds.header_map()
+        headers["Range"] = "bytes=0-0"
+        headers["Accept-Encoding"] = "identity"  # Glance's sentences, not a compressed page
         try:
-            async with self.session.get(url, headers=headers, timeout=self.timeout) as resp:
-                if resp.status in (200, 206, 400):
-                    resp.close()  # never read: a 200 would be the whole image
-                    return True
-                if resp.status in (204, 416):
-                    return False
-                body = await resp.read()
-                raise self._refusal(resp, body)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            async with self.session.get(
+                url, headers=headers, timeout=self.timeout, allow_redirects=False
+            ) as resp:
+                answer = ProbeAnswer(resp.status, resp.headers, await _small_body(resp))
+        except (TimeoutError, aiohttp.ClientConnectorError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
+        except aiohttp.ClientError as exc:
+            raise ProbeUndecided(f"no usable answer: {type(exc).__name__}", failing=True) from exc
+        size = self._sizes.get(image_id)
+        if answer.status == 200 and size is None:
+            size = await self._size(image_id, creds)
+        verdict = judge_probe(answer, size)
+        if verdict is Verdict.REFUSED:
+            raise GlanceRefused(answer.status, relay_headers(answer.headers), answer.body or b"")
+        if verdict in (Verdict.UNDECIDED, Verdict.FAILED):
+            raise ProbeUndecided(
+                f"glance answered the probe {answer.status}", failing=verdict is Verdict.FAILED
+            )
+        return verdict
+
+    async def _size(self, image_id: str, creds: Credentials) -> int | None:
+        """The record's size, which a 200 must match to be believed; None if it cannot be had.
+        The data plane usually asks for this record at the same moment: the call is shared."""
+        try:
+            return (await self.image(image_id, creds)).size
+        except (GlanceRefused, GlanceUnavailable):
+            return None
 
     async def _image(self, image_id: str, creds: Credentials) -> ImageInfo:
         url = f"{self.url}/v2/images/{image_id}"
         try:
             async with self.session.get(
-                url, headers=dict(creds.headers), timeout=self.timeout
+                url, headers=creds.header_map(), timeout=self.timeout, allow_redirects=False
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise self._refusal(resp, body)
                 try:
-                    return ImageInfo.from_json(await resp.json(content_type=None))
+                    image = ImageInfo.from_json(await resp.json(content_type=None))
                 except (ValueError, KeyError, TypeError) as exc:
                     raise GlanceUnavailable(
                         f"glance sent an unreadable image record: {exc}"
                     ) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
+        self._learn(image)
+        return image
+
+    def _learn(self, image: ImageInfo) -> None:
+        if image.status == "active" and image.size is not None:
+            self._sizes[image.id] = image.size
+            self._sizes.move_to_end(image.id)
+            while len(self._sizes) > self.MAX_SIZES:
+                self._sizes.popitem(last=False)
 
     async def images(self, creds: Credentials, filters: Mapping[str, str]) -> list[ImageInfo]:
         """Every image the credentials see that matches ``filters`` (``tag``, a property, ...),
@@ -253,11 +300,12 @@ class GlanceClient:
         path: str | None = "/v2/images"
         params: dict[str, str] | None = {**filters, "limit": "200"}
         try:
-            headers = dict(creds.headers)
+            headers = creds.header_map()
             while path:
                 url = self.url + path
                 async with self.session.get(url, params=params, headers=headers,
-                                            timeout=self.timeout) as resp:  # fmt: skip
+                                            timeout=self.timeout,
+                                            allow_redirects=False) as resp:  # fmt: skip
                     body = await resp.read()
                     if resp.status != 200:
                         raise self._refusal(resp, body)
@@ -268,12 +316,38 @@ class GlanceClient:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise GlanceUnavailable(f"glance sent an unreadable image list: {exc}") from exc
+        for image in found:
+            self._learn(image)
         return found
 
     @staticmethod
     def _refusal(resp: aiohttp.ClientResponse, body: bytes) -> Exception:
+        if 300 <= resp.status < 400:
+            # Not followed, and not relayed either: the caller asked for an image, not for a
+            # place to send its token.
+            return GlanceUnavailable(f"glance answered {resp.status}, a redirect (not followed)")
         if resp.status >= 500:
             return GlanceUnavailable(
                 f"glance answered {resp.status}", resp.status, relay_headers(resp.headers), body
             )
         return GlanceRefused(resp.status, relay_headers(resp.headers), body)
+
+
+async def _small_body(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The body if it is small, read whole so the connection goes back to the pool; None (and the
+    connection closed) when it is large: a 200 is the whole image, and no answer the probe's
+    decision believes is longer than PROBE_BODY_LIMIT."""
+    declared = resp.content_length
+    if (declared is not None and declared > PROBE_BODY_LIMIT) or (
+        declared is None and resp.status == 200
+    ):
+        resp.close()
+        return None
+    body = bytearray()
+    while len(body) <= PROBE_BODY_LIMIT:
+        piece = await resp.content.read(PROBE_BODY_LIMIT + 1 - len(body))
+        if not piece:
+            return bytes(body)
+        body += piece
+    resp.close()
+    return None

@@ -29,6 +29,7 @@ from cachenode.errors import (
     GlanceRefused,
     GlanceUnavailable,
     NoRoom,
+    ProbeUndecided,
     StoreError,
     TierError,
     http_status,
@@ -109,6 +110,8 @@ class DataPlane:
             if exc.status == 404 and image_id in self.local:
                 await self._evict_if_gone(image_id)
             raise
+        except ProbeUndecided:
+            return await self._bypass(request, "undecided")  # the caller gets Glance's answer
         if not decision.has_data:
             return await self._bypass(request, "no_data")
         if (hit := await self.local.lookup(image_id)) is not None:

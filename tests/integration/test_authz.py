@@ -134,3 +134,65 @@ def test_positive_decisions_are_reused_for_ttl_at_most(glance: Glance, sidecar_f
     time.sleep(max(0.0, 4.3 - (time.monotonic() - granted_at)))
     after = sidecar.get(image.id, CAROL)
     assert after.status_code == 404 and image.data[:64] not in after.content
+
+
+def create_without_data(glance: Glance) -> str:
+    """An image that stays ``queued``: created, never uploaded."""
+    body = {
+        "name": f"queued-{time.monotonic_ns()}",
+        "disk_format": "raw",
+        "container_format": "bare",
+    }
+    r = glance.api("POST", "/v2/images", json=body)
+    r.raise_for_status()
+    return str(r.json()["id"])
+
+
+def test_an_image_without_data_gets_glances_204(glance: Glance, sidecar: Sidecar) -> None:
+    # glance-api (uWSGI) drops the connection on the probe's ranged GET of such an image: no
+    # usable answer for this one request, which is not "Glance is down".
+    image_id = create_without_data(glance)
+    ref = direct(glance, image_id, ALICE)
+    via = sidecar.get(image_id, ALICE)
+    assert (via.status_code, ref.status_code) == (204, 204)
+    assert via.content == ref.content == b""
+    assert via.headers["X-Cachenode-Status"] == "BYPASS"
+    assert sidecar.metric("cachenode_passthrough_total", reason="undecided") == 1
+    assert sidecar.metric("cachenode_authz_total", outcome="undecided") == 1
+    assert sidecar.metric("cachenode_authz_total", outcome="error") == 0
+    refused, ref = sidecar.get(image_id, BOB), direct(glance, image_id, BOB)
+    assert (refused.status_code, refused.content) == (404, ref.content)
+
+
+def test_an_empty_image_is_allowed_and_passed_through(glance: Glance, sidecar: Sidecar) -> None:
+    # Glance answers the probe of a 0-byte image with its own 416 (no byte 0): allowed, no data.
+    image = glance.create_image(0)
+    ref = direct(glance, image.id, ALICE)
+    via = sidecar.get(image.id, ALICE)
+    assert (via.status_code, ref.status_code) == (200, 200)
+    assert via.content == ref.content == b""
+    assert via.headers["X-Cachenode-Status"] == "BYPASS"
+    assert sidecar.metric("cachenode_passthrough_total", reason="no_data") == 1
+    assert sidecar.metric("cachenode_authz_total", outcome="allowed") == 1
+    refused, ref = sidecar.get(image.id, ALICE_READER), direct(glance, image.id, ALICE_READER)
+    assert (refused.status_code, refused.content) == (403, ref.content)
+
+
+def test_a_store_without_random_access_grants_only_after_authorization(
+    glance_swift: Glance, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    # Glance on Swift answers the probe's Range with 400 "random access not supported", which its
+    # serializer raises only once the download was authorized: that exact 400 is a grant.
+    image = glance_swift.create_image(1 << 20)
+    probe = glance_swift.api(
+        "GET", f"/v2/images/{image.id}/file", ALICE, headers={"Range": "bytes=0-0"}
+    )
+    assert probe.status_code == 400 and b"randomly" in probe.content
+    sidecar = sidecar_factory(glance_url=glance_swift.url).start()
+    for status in ("MISS", "HIT"):
+        resp = sidecar.get(image.id, ALICE)
+        assert resp.status_code == 200 and resp.content == image.data
+        assert resp.headers["X-Cachenode-Status"] == status
+    for token, refused in ((BOB, 404), (ALICE_READER, 403), ("not-a-token", 401)):
+        assert_refused_like_glance(glance_swift, sidecar, image, token, refused)
+    assert sidecar.metric("cachenode_authz_total", outcome="allowed") == 2
