@@ -38,7 +38,7 @@ from cachenode.fill import Fill, Fills
 from cachenode.glance import Credentials, GlanceClient, ImageInfo, is_image_id
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.proxy import Proxy
+from cachenode.proxy import Proxy, expect_handler
 from cachenode.ranges import ByteRange, resolve
 from cachenode.ranges import parse as parse_range
 
@@ -62,9 +62,11 @@ class DataPlane:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._access, self._errors])
-        # HEAD is Glance's to answer (405): only GET goes through the cache.
-        app.router.add_get("/v2/images/{image_id}/file", self.download, allow_head=False)
-        app.router.add_route("*", "/{tail:.*}", self.passthrough)
+        # HEAD is Glance's to answer (405): only GET goes through the cache. Expect: 100-continue
+        # is Glance's to answer too (cachenode.proxy), never aiohttp's at once.
+        app.router.add_get("/v2/images/{image_id}/file", self.download, allow_head=False,
+                           expect_handler=expect_handler)  # fmt: skip
+        app.router.add_route("*", "/{tail:.*}", self.passthrough, expect_handler=expect_handler)
         return app
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
 from aiohttp import web
 
 from cachenode.admin import Admin
@@ -16,7 +15,7 @@ from cachenode.glance import Credentials, GlanceClient
 from cachenode.janitor import Janitor, Warmer
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.proxy import Proxy
+from cachenode.proxy import Pools, Proxy
 from cachenode.server import DataPlane
 from cachenode.tiers import TierSet, build_tier
 
@@ -30,19 +29,20 @@ class Sidecar:
         self.local = Local(config.cache_dir, self.metrics)
         self.ready = False
         self._runners: list[web.AppRunner] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: Pools | None = None
         self._janitor_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
         await self.local.start()
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        glance = GlanceClient(self._session, cfg.glance_url, cfg.glance_timeout)
+        # One pool for calls of one round trip, one for image data (see Pools).
+        self._pools = Pools.open(cfg.glance_timeout)
+        glance = GlanceClient(self._pools.short, cfg.glance_url, cfg.glance_timeout)
         self.tiers = TierSet([build_tier(t) for t in cfg.tiers], self.metrics)
         self.metrics.prime([t.name for t in cfg.tiers])
         self.janitor = Janitor(self.local, cfg.policy, self.metrics, cfg.janitor_interval)
         self.fills = Fills(self.local, self.tiers, self.metrics, make_room=self.janitor.make_room)
-        self.proxy = Proxy(cfg.glance_url)
+        self.proxy = Proxy(cfg.glance_url, self._pools)
         service = Credentials.token(cfg.service_token.reveal()) if cfg.service_token else None
         warmer = Warmer(glance, self.fills, self.local, service, cfg.policy) if service else None
         plane = DataPlane(
@@ -82,7 +82,6 @@ class Sidecar:
             await runner.cleanup()
         await self.fills.close()
         await self.tiers.close()
-        await self.proxy.close()
-        if self._session is not None:
-            await self._session.close()
+        if self._pools is not None:
+            await self._pools.close()
         self.local.close()
