@@ -8,6 +8,8 @@ used, ``raise ... from exc``, into the most specific of these::
      ├── AdminError               an admin API call is wrong (its own 4xx status)
      ├── GlanceRefused            Glance refused the caller: relayed to it unchanged
      ├── GlanceUnavailable        glance.url could not answer (connect, timeout, 5xx)
+     ├── PassThroughFailed        a request passed to Glance got no usable answer (502)
+     ├── BadRequest               a request the sidecar cannot pass on unchanged (400)
      ├── ProbeUndecided           the authorization probe got no answer that decides: pass through
      ├── TierError                one tier could not deliver (fill fails over to the next)
      │    ├── TierUnavailable     connect error, timeout, 5xx
@@ -94,6 +96,14 @@ class ProbeUndecided(CachenodeError):
         self.failing = failing
 
 
+class PassThroughFailed(CachenodeError):
+    """A request passed through to Glance got no answer that can be relayed."""
+
+
+class BadRequest(CachenodeError):
+    """A request the sidecar cannot pass on unchanged (header bytes that are not UTF-8, ...)."""
+
+
 class TierError(CachenodeError):
     """A tier could not deliver; ``kind`` is the low-cardinality label for metrics."""
 
@@ -162,6 +172,8 @@ _STATUSES: tuple[tuple[type[CachenodeError], int | None, str], ...] = (
     (AdminError, None, "Bad Request"),
     (GlanceRefused, None, "Glance refused the request"),
     (GlanceUnavailable, 503, "Glance cannot be reached to authorize this request"),
+    (PassThroughFailed, 502, "cachenode could not reach Glance"),
+    (BadRequest, 400, "cachenode cannot pass this request on unchanged"),
     (IntegrityError, 502, "the image's bytes did not match its hash; try again"),
     (FillFailed, 502, "no tier could deliver the image"),
     (TierError, 502, "no tier could deliver the image"),

@@ -30,6 +30,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
@@ -38,6 +39,7 @@ from aiohttp import payload, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from cachenode.errors import BadRequest, CachenodeError, PassThroughFailed, http_status
 from cachenode.glance import HOP_BY_HOP
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class Proxy:
         try:
             headers = request_headers(request, expecting=isinstance(body, _Expecting))
         except UnicodeEncodeError:
-            return _error(request, 400, "Bad Request", "header bytes that are not UTF-8")
+            return _error(request, BadRequest("header bytes that are not UTF-8"))
         try:
             upstream = await self._send(request, headers, body)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -130,8 +132,7 @@ class Proxy:
             try:
                 resp = self._response(request, upstream, extra_headers)
             except UnicodeEncodeError:
-                message = "Glance answered with header bytes that are not UTF-8"
-                return _error(request, 502, "Bad Gateway", message)
+                return _error(request, PassThroughFailed("header bytes that are not UTF-8"))
             if request.method == "GET" and _DISCOVERY.fullmatch(request.path):
                 return await self._discovery(request, upstream, resp)
             return await _relay(request, upstream, resp)
@@ -178,7 +179,7 @@ class Proxy:
         try:
             head, whole = await read_up_to(upstream.content, MAX_DISCOVERY_BODY)
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return _error(request, 502, "Bad Gateway", "Glance broke off its version document")
+            return _error(request, PassThroughFailed("Glance broke off its version document"))
         if not whole:
             return await _relay(request, upstream, resp, head)
         body = rewrite_document(head, _origin(request))
@@ -336,11 +337,13 @@ def _unreachable(request: web.Request, exc: BaseException) -> web.Response:
     else:
         log.warning("pass-through %s %s: glance unreachable: %s",
                     request.method, request.path, type(exc).__name__)  # fmt: skip
-    return _error(request, 502, "Bad Gateway", "cachenode could not reach Glance")
+    return _error(request, PassThroughFailed(f"glance unreachable: {type(exc).__name__}"))
 
 
-def _error(request: web.Request, status: int, title: str, message: str) -> web.Response:
-    body = {"error": {"code": status, "title": title, "message": message}}
+def _error(request: web.Request, exc: CachenodeError) -> web.Response:
+    """Our answer instead of Glance's, by the one table (``errors.http_status``)."""
+    status, message = http_status(exc)
+    body = {"error": {"code": status, "title": HTTPStatus(status).phrase, "message": message}}
     resp = web.json_response(body, status=status)
     _close_if_unread(request, resp)
     return resp
