@@ -18,6 +18,7 @@ from http import HTTPStatus
 from typing import IO, Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from cachenode.authz import Authorizer
@@ -338,6 +339,20 @@ class DataPlane:
                 "denied" if isinstance(exc, GlanceRefused) else "error"
             ).inc()
             return error_response(exc)
+
+
+class UnparsableRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse with an ERROR, a traceback and the offending
+    bytes, which may be a caller's token: keep the fact (one INFO line, the error's type),
+    drop the bytes, and give a caller who floods the sidecar with junk no tracebacks to write."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "unparsable request refused: %s", (type(exc).__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def error_response(exc: CachenodeError) -> web.Response:

@@ -16,7 +16,7 @@ from cachenode.janitor import Janitor, Warmer
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.proxy import Pools, Proxy
-from cachenode.server import DataPlane
+from cachenode.server import DataPlane, UnparsableRequests
 from cachenode.tiers import TierSet, build_tier
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class Sidecar:
 
     async def start(self) -> None:
         cfg = self.config
+        logging.getLogger("aiohttp.server").addFilter(UnparsableRequests())
         await self.local.start()
         # One pool for calls of one round trip, one for image data (see Pools).
         self._pools = Pools.open(cfg.glance_timeout)
