@@ -120,12 +120,11 @@ class FrontProxy:
                 self.proc.wait()
 
     def retarget(self, target: str) -> None:
-        """Proxy to ``target`` from now on (a reload, as an operator would do it)."""
+        """Proxy to ``target`` from now on. A restart, not a reload: after a reload, nginx's old
+        workers keep serving the keep-alive connections made before it, with the old target."""
         self.target = target
-        self._write_config()
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGHUP)
-        self._wait_for_target()
+        self.stop()
+        self.start()
 
     def log(self) -> list[Logged]:
         path = self.base / "access.log"
