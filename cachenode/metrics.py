@@ -23,7 +23,8 @@ FILL_OUTCOMES = ("ok", "integrity", "error", "no_room")
 TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_found")
 EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsistent")
 PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
-               "no_tier", "tier_failed", "no_room", "store_error", "undecided")  # fmt: skip
+               "no_tier", "tier_failed", "no_room", "store_error", "undecided",
+               "repeated_credentials")  # fmt: skip
 
 
 class Metrics:

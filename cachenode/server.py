@@ -84,6 +84,8 @@ class DataPlane:
         if not creds.well_formed:
             self.metrics.requests.labels("denied").inc()
             return _error(401, "Unauthorized", "malformed credentials")
+        if creds.repeated:
+            return await self._bypass(request, "repeated_credentials")
         record = None
         if image_id not in self.local and self.fills.get(image_id) is None:
             # Likely a miss, which needs the image record: ask for it while Glance authorizes.
