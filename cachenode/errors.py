@@ -15,6 +15,7 @@ used, ``raise ... from exc``, into the most specific of these::
      │    ├── TierUnavailable     connect error, timeout, 5xx
      │    ├── TierShortRead       the body ended or broke before the expected size
      │    ├── TierNotFound        404: the tier does not have the image
+     │    │    └── BadLocation    Glance's record names the object where the tier will not go
      │    ├── TierDenied          401/403 from the tier
      │    └── RangeNotSupported   the tier cannot start at an offset
      ├── IntegrityError           the bytes do not match Glance's size or hash
@@ -129,6 +130,13 @@ class TierShortRead(TierError):
 
 class TierNotFound(TierError):
     kind = "not_found"
+
+
+class BadLocation(TierNotFound):
+    """The image's location is one the tier refuses to follow (out of its account, or a name a
+    URL could reinterpret): for this image the tier has nothing, as if it answered 404."""
+
+    kind = "bad_location"
 
 
 class TierDenied(TierError):

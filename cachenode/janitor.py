@@ -19,6 +19,7 @@ from cachenode.glance import Credentials, GlanceClient, ImageInfo
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.policy import Policy, plan
+from cachenode.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,16 @@ class Janitor:
         self._lock = asyncio.Lock()
 
     async def make_room(self, needed: int) -> bool:
-        """Evict what the policy allows so that ``needed`` more bytes fit; whether they do."""
-        return await self.sweep(needed)
+        """Evict what the policy allows so that ``needed`` more bytes fit; whether they do.
+
+        All or nothing (``policy.plan``): when they cannot fit, nothing is evicted, and the fill
+        that asked is passed through.
+        """
+        fits = await self.sweep(needed)
+        if not fits:
+            log.info("no room for an image of %s within policy %s: nothing evicted for it",
+                     format_bytes(needed), self.policy.name)  # fmt: skip
+        return fits
 
     async def sweep(self, needed: int = 0) -> bool:
         async with self._lock:
@@ -106,6 +115,8 @@ class Warmer:
             return "cached"
         if image.status != "active" or not image.size or image.verifier() is None:
             return "not cacheable"
+        if not self.policy.admits(image.size, (await self.local.usage()).disk_total):
+            return "larger than max_object_size"
         self.fills.start(image, self.creds)
         return "filling"
 

@@ -20,7 +20,8 @@ _FILL = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 STATUSES = ("hit", "miss", "joined", "bypass", "denied", "error")
 AUTHZ = ("allowed", "cached", "stale", "denied", "undecided", "error")
 FILL_OUTCOMES = ("ok", "integrity", "error", "no_room")
-TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_found")
+TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_found",
+                 "bad_location", "credentials")  # fmt: skip
 EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsistent")
 PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
                "no_tier", "tier_failed", "no_room", "store_error", "undecided",

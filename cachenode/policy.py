@@ -52,9 +52,21 @@ class Policy:
     low_watermark: float = 0.85
     min_free_disk: Size = field(default_factory=lambda: Size(fraction=0.05))
     max_idle: float | None = None
+    max_object_size: Size | None = None  # larger images are never cached; None: no limit
     pin: Selector = field(default_factory=Selector)
     warm: Selector = field(default_factory=Selector)
     warm_interval: float = 600.0
+
+    def admits(self, size: int, disk_total: int) -> bool:
+        """Whether an image of ``size`` bytes may be cached at all (``max_object_size``)."""
+        return self.max_object_size is None or size <= self.max_object_size.resolve(disk_total)
+
+
+def _object_size(value: object) -> Size:
+    size = parse_size(value, allow_percent=True)
+    if size.bytes == 0 and not size.fraction:
+        raise ValueError("must be more than 0 (leave it out for no limit)")
+    return size
 
 
 def _selector(section: v.Section, *, ids: bool = True) -> Selector:
@@ -79,6 +91,7 @@ def parse_policy(data: object, name: str) -> Policy:
         "min_free_disk", lambda x: parse_size(x, allow_percent=True), Size(fraction=0.05)
     )
     max_idle = doc.take("max_idle", parse_duration, None)
+    max_object_size = doc.take("max_object_size", _object_size, None)
     order = doc.take("order", v.choice(*ORDERS), "lru")
     pin_section = doc.section("pin")
     pin = _selector(pin_section)
@@ -98,6 +111,7 @@ def parse_policy(data: object, name: str) -> Policy:
         low_watermark=low,
         min_free_disk=min_free,
         max_idle=max_idle,
+        max_object_size=max_object_size,
         pin=pin,
         warm=warm,
         warm_interval=interval,
@@ -190,10 +204,32 @@ def plan(
 ) -> Plan:
     """What to evict so that the cache keeps to ``policy`` with ``needed`` more bytes in it.
 
-    Pinned entries are never chosen. Idle entries (``max_idle``) go first; then, in the policy's
-    order, entries until the cache is under ``low_watermark`` of ``max_bytes`` (once it passed
-    ``high_watermark``) and the filesystem keeps ``min_free_disk`` free.
+    Pinned entries are never chosen (fills are not entries yet: never chosen either). Idle
+    entries (``max_idle``) go first; then, in the policy's order, entries until the cache is
+    under ``low_watermark`` of ``max_bytes`` (once it passed ``high_watermark``) and the
+    filesystem keeps ``min_free_disk`` free.
+
+    An image is admitted whole or not at all: when ``needed`` bytes are over ``max_object_size``,
+    or would not fit even with every evictable entry gone, the plan evicts nothing and does not
+    fit. Such an image is passed through anyway, so evicting for it would only empty the cache.
     """
+    if needed and not policy.admits(needed, usage.disk_total):
+        return Plan((), fits=False)
+    result = _greedy(entries, policy, usage, now, needed, pins)
+    if needed and not result.fits:
+        # _greedy misses only once it has chosen every evictable entry: no other choice fits.
+        return Plan((), fits=False)
+    return result
+
+
+def _greedy(
+    entries: Iterable[Entry],
+    policy: Policy,
+    usage: Usage,
+    now: float,
+    needed: int,
+    pins: frozenset[str],
+) -> Plan:
     capacity = policy.max_bytes.resolve(usage.disk_total)
     min_free = policy.min_free_disk.resolve(usage.disk_total)
     candidates = sorted((e for e in entries if not is_pinned(policy, e, pins)),
@@ -212,8 +248,10 @@ def plan(
             if now - entry.last_access > policy.max_idle:
                 evict(entry, "idle")
     if total + needed > capacity * policy.high_watermark:
+        staying = total - sum(e.size for e in candidates if e.image_id not in chosen)
+        target = size_target(policy, capacity, staying + needed)
         for entry in candidates:
-            if total + needed <= capacity * policy.low_watermark:
+            if total + needed <= target:
                 break
             if entry.image_id not in chosen:
                 evict(entry, "size")
@@ -224,3 +262,14 @@ def plan(
             evict(entry, "disk")
     fits = total + needed <= capacity and free - needed >= min_free
     return Plan(tuple(chosen.values()), fits)
+
+
+def size_target(policy: Policy, capacity: int, least: int) -> float:
+    """Bytes to evict down to, once past ``high_watermark``: ``low_watermark`` of ``capacity``.
+
+    When what must stay (pinned entries, the new image) is already above it, aim at
+    ``high_watermark``, then at ``capacity`` itself: bytes that cannot go are no reason to evict
+    every entry that can.
+    """
+    marks = (capacity * policy.low_watermark, capacity * policy.high_watermark)
+    return next((mark for mark in marks if least <= mark), float(capacity))

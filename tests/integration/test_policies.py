@@ -53,6 +53,74 @@ def test_lru_within_max_bytes_and_pins_by_tag(
     assert sidecar.metric("cachenode_cache_bytes") == 6 * MiB
 
 
+def evictions(sidecar: Sidecar) -> float:
+    return sum(
+        value for (name, _), value in sidecar.metrics().items()
+        if name == "cachenode_evictions_total"
+    )  # fmt: skip
+
+
+def test_an_image_that_cannot_fit_is_passed_through_and_evicts_nothing(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    policy = policy_file(
+        tmp_path,
+        order="lru",
+        max_bytes="10MiB",
+        high_watermark=0.9,
+        low_watermark=0.5,
+        min_free_disk=0,
+        pin={"tags": ["golden"]},
+    )
+    sidecar = sidecar_factory(cache={"policy": policy}).start()
+    golden = glance.create_image(4 * MiB, tags=["golden"])
+    small = [glance.create_image(1 * MiB) for _ in range(3)]
+    for image in (golden, *small):
+        assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
+    held = {golden.id, *(i.id for i in small)}
+    assert {p.name for p in sidecar.blobs()} == held
+
+    # 7 MiB is under max_bytes, but with 4 MiB pinned it cannot fit whatever goes; 11 MiB never.
+    for size in (7 * MiB, 11 * MiB):
+        big = glance.create_image(size)
+        resp = sidecar.get(big.id, ALICE)
+        assert resp.status_code == 200 and resp.content == big.data
+        assert resp.headers["X-Cachenode-Status"] == "BYPASS"
+        assert {p.name for p in sidecar.blobs()} == held  # not one entry lost for it
+        assert sidecar.partials() == []
+    assert evictions(sidecar) == 0
+    assert sidecar.metric("cachenode_cache_entries") == 4
+    assert sidecar.metric("cachenode_passthrough_total", reason="no_room") == 2
+
+    # One that can fit gets room, and only as much as it needs: 7 + 3 is past high (9 MiB); low
+    # (5 MiB) is out of reach with 4 MiB pinned, high is not: the least recent 1 MiB goes.
+    fits = glance.create_image(3 * MiB)
+    resp = sidecar.get(fits.id, ALICE)
+    assert resp.headers["X-Cachenode-Status"] == "MISS" and resp.content == fits.data
+    assert {p.name for p in sidecar.blobs()} == held - {small[0].id} | {fits.id}
+    assert evictions(sidecar) == sidecar.metric("cachenode_evictions_total", reason="size") == 1
+
+
+def test_max_object_size_passes_larger_images_through(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    policy = policy_file(
+        tmp_path, max_bytes="6MiB", high_watermark=0.9, low_watermark=0.5, min_free_disk=0,
+        max_object_size="2MiB",
+    )  # fmt: skip
+    sidecar = sidecar_factory(cache={"policy": policy}).start()
+    cached = [glance.create_image(2 * MiB) for _ in range(2)]
+    for image in cached:
+        assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
+    larger = glance.create_image(2 * MiB + 1)  # room could be made for it: the policy says no
+    for _ in range(2):
+        resp = sidecar.get(larger.id, ALICE)
+        assert resp.headers["X-Cachenode-Status"] == "BYPASS" and resp.content == larger.data
+    assert {p.name for p in sidecar.blobs()} == {i.id for i in cached}
+    assert evictions(sidecar) == 0
+    assert sidecar.metric("cachenode_passthrough_total", reason="no_room") == 2
+
+
 def test_idle_images_go_and_warm_policy_runs_on_its_interval(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

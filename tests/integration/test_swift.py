@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import requests
 
@@ -104,3 +107,86 @@ def test_a_poisoned_regional_cache_is_routed_around(
     assert second.status_code == 200 and second.content == image.data
     assert second.headers["X-Cachenode-Tier"] == "objectstore"
     assert [b.name for b in sidecar.blobs()] == [image.id]
+
+
+def test_hostile_locations_never_lead_out_of_the_object_glance_reads(
+    glance_swift: Glance, swift: Swift, temp_url_key: Path, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """Records whose location a URL library would follow out of the object glance_store reads:
+    encoded '..' and '/' (glance_store reads such a name literally; decoded, it climbs to another
+    container or account), or credentials of another account (glance_store reads that account;
+    reading the same names in Glance's account is another object). Glance serves each image from
+    where its record says; the sidecar refuses them and never asks Swift for anything else.
+
+    Glance's API lets no one add such a location (swift+config:// is restricted, and others must
+    start with the store's own prefix), so the records are tampered with in its database.
+    """
+    mine = account(swift, "glance:glance", "glancepass")  # the account Glance stores in
+    theirs = account(swift, "test:tester", "testing")
+    assert theirs.url.endswith("/v1/AUTH_test")
+    mine.put("secret/obj", b"secret" * 1000)
+    theirs.put("private/obj", b"private" * 1000)
+    keystone = swift_env(swift)["SWIFT_KEYSTONE"].removeprefix("http://")
+    locations = [
+        "swift+config://ref1/glance/..%2Fsecret%2Fobj",  # decoded: another container
+        "swift+config://ref1/glance/..%2F..%2FAUTH_test%2Fprivate%2Fobj",  # another account
+        f"swift+http://test%3Atester:testing@{keystone}/v3/secret/obj",  # another account's names
+    ]
+    images = {location: glance_swift.create_image(1 << 20) for location in locations}
+    for location, image in images.items():  # where each location really leads, its bytes
+        container, name = location.rsplit("/", 2)[1:]
+        (theirs if "@" in location else mine).put(f"{container}/{quote(name, safe='')}", image.data)
+        with sqlite3.connect(glance_swift.base / "glance.sqlite") as db:
+            db.execute(
+                "UPDATE image_locations SET value = ? WHERE image_id = ?", (location, image.id)
+            )
+        assert glance_swift.api("GET", f"/v2/images/{image.id}").json()["direct_url"] == location
+
+    plain = glance_swift.create_image(1 << 20)
+    sidecar = sidecar_factory(
+        glance_url=glance_swift.url, tiers=[swift_tier(swift, temp_url_key_file=str(temp_url_key))]
+    ).start()
+    proxy_log = swift.base / "log" / "proxy.log"
+    seen = len(proxy_log.read_text())
+    for image in images.values():
+        resp = sidecar.get(image.id, ALICE)  # Glance's own answer, from where its record says
+        assert resp.status_code == 200 and resp.content == image.data
+        assert resp.headers["X-Cachenode-Status"] == "BYPASS"
+    assert (
+        sidecar.metric("cachenode_tier_failures_total", tier="objectstore", kind="bad_location")
+        == 3
+    )
+    served = sidecar.get(plain.id, ALICE)  # the tier works, and its requests are in the log
+    assert served.headers["X-Cachenode-Tier"] == "objectstore" and served.content == plain.data
+
+    asked = proxy_log.read_text()[seen:]
+    assert f"GET /v1/AUTH_glance/glance/{plain.id}" in asked
+    assert "/v1/AUTH_glance/secret/obj" not in asked and "/v1/AUTH_test/private/obj" not in asked
+    assert "testing" not in sidecar.log() and "..%2F" not in sidecar.log()
+
+
+@dataclass
+class Account:
+    url: str
+    token: str
+
+    def put(self, path: str, data: bytes) -> None:
+        """``container/object``, with its container."""
+        headers = {"X-Auth-Token": self.token}
+        container = f"{self.url}/{path.split('/')[0]}"
+        requests.put(container, headers=headers, timeout=30).raise_for_status()
+        requests.put(
+            f"{self.url}/{path}", data=data, headers=headers, timeout=30
+        ).raise_for_status()
+
+
+def account(swift: Swift, user: str, key: str) -> Account:
+    resp = requests.get(swift.url + "/auth/v1.0", timeout=10,
+                        headers={"X-Storage-User": user, "X-Storage-Pass": key})  # fmt: skip
+    resp.raise_for_status()
+    return Account(resp.headers["X-Storage-Url"], resp.headers["X-Auth-Token"])
+
+
+def swift_env(swift: Swift) -> dict[str, str]:
+    lines = (swift.base / "env.sh").read_text().splitlines()
+    return dict(line.removeprefix("export ").split("=", 1) for line in lines)
