@@ -7,6 +7,7 @@ from pathlib import Path
 
 import requests
 
+from tests.support.clients import Caller, start, wait_for
 from tests.support.glance import ALICE, BOB, Glance
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
@@ -71,6 +72,25 @@ def test_a_caller_that_leaves_does_not_stop_the_fill(glance: Glance, sidecar_fac
         hit = sidecar.get(image.id, ALICE)
         assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == image.data
         assert len(l2.requests_for(image.id)) == 1 and l2.bytes_for(image.id) == len(image.data)
+
+
+def test_what_a_tier_sent_reaches_callers_while_it_pauses(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    """A tier that pauses mid-body (a slow origin, a stall before a failover): the bytes it sent
+    before the pause stream to the callers now, not when it goes on or times out."""
+    image = glance.create_image(4 << 20)
+    hold = Fault("hold", at=1 << 20)
+    with Upstream(target=glance.url, faults=[hold]) as l2:
+        sidecar = sidecar_factory(
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}]
+        ).start()
+        caller = Caller(f"{sidecar.url}/v2/images/{image.id}/file", ALICE)
+        thread = start(caller)
+        wait_for(hold.reached.is_set)  # 1 MiB is in the sidecar's socket; the tier sends no more
+        sent = lambda: sidecar.metric("cachenode_served_bytes_total", tier="regional")  # noqa: E731
+        wait_for(lambda: sent() == 1 << 20, timeout=10)  # the read timeout is 30 s
+        hold.release()
+        thread.join(60)
+        assert caller.status == 200 and caller.sha512 == image.sha512
 
 
 def test_hostile_input_is_answered_and_harms_nothing(glance: Glance, sidecar: Sidecar) -> None:
