@@ -9,10 +9,11 @@ from pathlib import Path
 
 import glanceclient
 import pytest
+import requests
 from keystoneauth1 import session as ks_session
 from keystoneauth1 import token_endpoint
 
-from tests.support.clients import Caller, run_all
+from tests.support.clients import Caller, start, wait_for
 from tests.support.glance import ALICE, Glance
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
@@ -28,26 +29,44 @@ def url(sidecar: Sidecar, image_id: str) -> str:
     return f"{sidecar.url}/v2/images/{image_id}/file"
 
 
+def streaming(sidecar: Sidecar, misses: int = 1, joined: int = 0) -> bool:
+    """Whether that many callers have their 200 and headers (counted once the headers are out)."""
+    return (
+        sidecar.metric("cachenode_requests_total", status="miss") == misses
+        and sidecar.metric("cachenode_requests_total", status="joined") == joined
+    )
+
+
 def test_a_flipped_byte_cuts_every_caller_and_commits_nothing(
     glance: Glance, sidecar_factory
 ) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(6 << 20)
+    # The tier holds after 1 MiB until all five callers have their headers and first bytes: the
+    # flipped byte, at 3 MiB, can then only end in cut connections, never in a status.
+    hold = Fault("hold", at=1 << 20)
     flip = Fault("flip", at=(3 << 20) + 12345, times=-1)
-    throttle = Fault("throttle", rate=8 << 20, times=-1)  # long enough for every caller to join
     with (
-        Upstream(target=glance.url, faults=[flip, throttle]) as bad,
+        Upstream(target=glance.url, faults=[hold, flip]) as bad,
         Upstream(target=glance.url) as good,
     ):
         sidecar = sidecar_factory(
             tiers=[glance_tier("regional", bad.url), glance_tier("central", good.url)]
         ).start()
-        callers = run_all([Caller(url(sidecar, image.id), ALICE) for _ in range(5)])
+        callers = [Caller(url(sidecar, image.id), ALICE) for _ in range(5)]
+        threads = [start(c) for c in callers]
+        wait_for(lambda: streaming(sidecar, misses=1, joined=4))
+        hold.release()
+        for thread in threads:
+            thread.join(60)
         for caller in callers:
             assert caller.status == 200
             assert caller.error is not None, "a caller finished a body that failed its hash"
             assert caller.received < len(image.data)
+        statuses = sorted(c.response_headers["X-Cachenode-Status"] for c in callers)
+        assert statuses == ["JOINED"] * 4 + ["MISS"]
         assert sidecar.blobs() == [] and sidecar.partials() == []
         assert len(bad.requests_for(image.id)) == 1 and good.requests_for(image.id) == []
+        assert sidecar.metric("cachenode_upstream_bytes_total", tier="regional") == len(image.data)
         assert sidecar.metric("cachenode_integrity_failures_total", tier="regional") == 1
         assert sidecar.metric("cachenode_fills_total", tier="regional", outcome="integrity") == 1
 
@@ -63,36 +82,37 @@ def test_glanceclient_reports_an_error_not_a_corrupt_image(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     by_cli, by_api = glance.create_image(2 << 20), glance.create_image(2 << 20)
-    with Upstream(target=glance.url, faults=[Fault("flip", at=1000, times=-1)]) as bad:
+    # Each download holds after 512 KiB (the flipped byte already sent) until the client has its
+    # 200: from then on the only correct end is a cut connection.
+    holds = [Fault("hold", at=512 << 10), Fault("hold", at=512 << 10)]
+    with Upstream(target=glance.url, faults=[Fault("flip", at=1000, times=-1), holds[0]]) as bad:
         sidecar = sidecar_factory(tiers=[glance_tier("regional", bad.url)]).start()
 
         out = tmp_path / "out.raw"
-        cli = subprocess.run(
-            [
-                GLANCE_CLI,
-                "--os-image-url",
-                sidecar.url,
-                "--os-auth-token",
-                ALICE,
-                "image-download",
-                "--file",
-                str(out),
-                by_cli.id,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        command = [GLANCE_CLI, "--os-image-url", sidecar.url, "--os-auth-token", ALICE,
+                   "image-download", "--file", str(out), by_cli.id]  # fmt: skip
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as cli:
+            wait_for(lambda: streaming(sidecar, misses=1), timeout=60)
+            holds[0].release()
+            _, stderr = cli.communicate(timeout=120)
         assert cli.returncode != 0
-        assert not out.exists() or out.read_bytes() != by_cli.data
+        assert b"Corrupt image download" not in stderr  # cut, never a whole body to check
+        assert out.stat().st_size < len(by_cli.data)  # what it saved is short, never whole
+        sidecar.settle()
+        assert sidecar.metric("cachenode_integrity_failures_total", tier="regional") == 1
+
+        bad.faults.append(holds[1])
 
         session = ks_session.Session(auth=token_endpoint.Token(sidecar.url, ALICE))
         client = glanceclient.Client("2", session=session, endpoint_override=sidecar.url)
-        with pytest.raises(Exception) as failure:
-            b"".join(client.images.data(by_api.id))
-        # Cut before the end: glanceclient never got a whole body to find a bad hash in.
-        assert "Corrupt image download" not in str(failure.value)
+        body = client.images.data(by_api.id)  # the 200 and its headers, bytes still to come
+        assert streaming(sidecar, misses=2)
+        holds[1].release()
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            b"".join(body)  # cut before the end, not "Corrupt image download" (IOError)
+        sidecar.settle()
         assert sidecar.blobs() == [] and sidecar.partials() == []
+        assert sidecar.metric("cachenode_integrity_failures_total", tier="regional") == 2
 
         # The only tier is skipped for these images now: Glance itself answers, correctly.
         again = sidecar.get(by_api.id, ALICE)
@@ -103,7 +123,8 @@ def test_glanceclient_reports_an_error_not_a_corrupt_image(
 
 def test_an_oversized_body_is_an_integrity_failure(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(4 << 20)
-    with Upstream(blobs={image.id: image.data + b"trailing garbage"}) as mirror:
+    hold = Fault("hold", at=1 << 20)  # until the caller has its 200: then the excess can only cut
+    with Upstream(blobs={image.id: image.data + b"trailing garbage"}, faults=[hold]) as mirror:
         sidecar = sidecar_factory(
             tiers=[
                 {"name": "mirror", "kind": "http", "url": mirror.url},
@@ -111,14 +132,49 @@ def test_an_oversized_body_is_an_integrity_failure(glance: Glance, sidecar_facto
             ]
         ).start()
         first = Caller(url(sidecar, image.id), ALICE)
-        first.run()
-        # Cut mid-body, or refused outright when the excess came before any byte was sent.
-        assert (first.status == 200 and first.error is not None) or first.status == 502
+        thread = start(first)
+        wait_for(lambda: streaming(sidecar, misses=1))
+        hold.release()
+        thread.join(60)
+        assert first.status == 200 and first.error is not None
         assert first.received < len(image.data)
+        sidecar.settle()
         assert sidecar.blobs() == [] and sidecar.partials() == []
         assert sidecar.metric("cachenode_integrity_failures_total", tier="mirror") == 1
         second = sidecar.get(image.id, ALICE)
         assert second.content == image.data and second.headers["X-Cachenode-Tier"] == "central"
+        assert len(mirror.requests_for(image.id)) == 1
+
+
+def test_bad_bytes_found_before_any_byte_is_sent_answer_502(
+    glance: Glance, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """A one-byte image: its only byte waits for the hash, so no caller has a 200 when the fill
+    fails. Bad bytes then answer 502 (never pass-through: Glance may be what sent them), and each
+    tier that sent them is skipped for the image from then on."""
+    image = glance.create_image(1)
+    with (
+        Upstream(blobs={image.id: image.data + b"trailing garbage"}) as mirror,
+        Upstream(target=glance.url, faults=[Fault("flip", at=0, times=-1)]) as regional,
+    ):
+        sidecar = sidecar_factory(tiers=[
+            {"name": "mirror", "kind": "http", "url": mirror.url},
+            glance_tier("regional", regional.url),
+            glance_tier("central", glance.url),
+        ]).start()  # fmt: skip
+        for tier in ("mirror", "regional"):
+            refused = sidecar.get(image.id, ALICE)
+            assert refused.status_code == 502, tier
+            assert refused.json()["error"]["code"] == 502
+            assert "X-Cachenode-Status" not in refused.headers
+            assert sidecar.metric("cachenode_integrity_failures_total", tier=tier) == 1
+        served = sidecar.get(image.id, ALICE)
+        assert served.status_code == 200 and served.content == image.data
+        assert served.headers["X-Cachenode-Status"] == "MISS"
+        assert served.headers["X-Cachenode-Tier"] == "central"
+        assert len(mirror.requests_for(image.id)) == 1 and len(regional.requests_for(image.id)) == 1
+        assert sidecar.metric("cachenode_requests_total", status="error") == 2
+        assert [b.name for b in sidecar.blobs()] == [image.id] and sidecar.partials() == []
 
 
 @pytest.mark.parametrize("fault", ["reset", "truncate", "stall"])
@@ -127,8 +183,11 @@ def test_failover_resumes_at_the_offset_reached(
 ) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(6 << 20)
     at = (2 << 20) + 777
+    # The fault strikes only once the sidecar's side has every byte before `at` (a reset would
+    # otherwise throw away what was still in flight): the resume must then start exactly there.
+    delivered = Fault("hold", at=at).release()
     with (
-        Upstream(target=glance.url, faults=[Fault(fault, at=at, seconds=30)]) as first,
+        Upstream(target=glance.url, faults=[delivered, Fault(fault, at=at, seconds=30)]) as first,
         Upstream(target=glance.url) as second,
     ):
         sidecar = sidecar_factory(
@@ -143,14 +202,11 @@ def test_failover_resumes_at_the_offset_reached(
         assert caller.error is None and caller.status == 200
         assert caller.sha512 == image.sha512  # one uninterrupted, correct body
         assert time.monotonic() - started < 25  # a stall did not wait out the stall
-        assert first.bytes_for(image.id) == at
+        assert delivered.reached.is_set() and first.bytes_for(image.id) == at
         resumed = second.requests_for(image.id)
-        assert len(resumed) == 1 and resumed[0].range is not None
-        # Resumed where the fill's bytes ended: at most `at` (the last bytes before a broken
-        # connection can be lost in flight), never from the start.
-        offset = int(resumed[0].range.removeprefix("bytes=").rstrip("-"))
-        assert 0 < offset <= at
-        assert second.bytes_for(image.id) == len(image.data) - offset
+        assert [r.range for r in resumed] == [f"bytes={at}-"]  # where the first tier stopped
+        assert second.bytes_for(image.id) == len(image.data) - at
+        assert sidecar.metric("cachenode_upstream_bytes_total", tier="regional") == at
         kind = {"reset": "short_read", "truncate": "short_read", "stall": "timeout"}[fault]
         assert sidecar.metric("cachenode_tier_failures_total", tier="regional", kind=kind) == 1
         sidecar.settle()

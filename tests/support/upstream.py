@@ -4,18 +4,27 @@
 ``http`` tier kind, honouring Range) or forwards to a real glance-api (``target``: a ``glance``
 tier whose bytes we can break). Either way it counts what it was asked and what it sent, and
 applies ``Fault``s to the bytes at absolute image offsets: flip a byte, end early, reset, stall,
-throttle.
+throttle, hold.
+
+A ``hold`` makes timing a test's decision instead of a race: the upstream sends the bytes before
+``at``, waits until the peer's kernel has acknowledged every one of them (``reached`` is then set),
+and sends nothing more until the test calls ``release()``. A test can so make sure a caller has its
+headers and first bytes before a bad byte goes out, or that the sidecar holds exactly ``at`` bytes
+when a connection breaks (a reset otherwise loses what was still in flight).
 
 It runs its own event loop in a thread, so synchronous tests can use it as a plain object.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import re
 import socket
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,11 +37,20 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclass
 class Fault:
-    kind: str  # flip | truncate | reset | stall | throttle | no_range (200 to a Range) | deny (403)
+    # flip | truncate | reset | stall | throttle | hold | no_range (200 to a Range) | deny (403)
+    kind: str
     at: int = 0  # image offset where it strikes
     times: int = 1  # how often it strikes (at its offset; throttle: per response); -1: always
-    seconds: float = 60.0  # stall length
+    seconds: float = 60.0  # stall length; hold: the longest it waits for release()
     rate: float = 0.0  # throttle: bytes per second
+    # hold: set once every byte before `at` is acknowledged by the peer / once the test lets go
+    reached: threading.Event = field(default_factory=threading.Event, repr=False)
+    released: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def release(self) -> Fault:
+        """Let a hold go on (before it is reached: it only waits for the bytes to be delivered)."""
+        self.released.set()
+        return self
 
 
 @dataclass
@@ -81,6 +99,8 @@ class Upstream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for fault in self.faults:
+            fault.release()  # a test that failed mid-hold must not leave a thread waiting
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
@@ -95,7 +115,8 @@ class Upstream:
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Handlers still stalling when a test ends are cut after a second, not waited for.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.SockSite(runner, self._sock)
         await site.start()
@@ -178,7 +199,7 @@ class Upstream:
                     buf = bytearray(data)
                     buf[fault.at - lo] ^= 0xFF
                     data = bytes(buf)
-                elif fault.kind in ("truncate", "reset", "stall"):
+                elif fault.kind in ("truncate", "reset", "stall", "hold"):
                     head = data[: fault.at - lo]
                     if head:
                         await resp.write(head)
@@ -191,7 +212,12 @@ class Upstream:
                     if fault.kind == "reset":
                         _reset(request.transport)
                         return
-                    await asyncio.sleep(fault.seconds)
+                    if fault.kind == "stall":
+                        await asyncio.sleep(fault.seconds)
+                        continue
+                    await _delivered(request.transport)
+                    fault.reached.set()
+                    await _until(fault.released, fault.seconds)
             await resp.write(data)
             served.bytes += len(data)
             offset += len(data)
@@ -215,6 +241,26 @@ class Upstream:
 async def _chunks(blob: bytes, start: int, end: int, size: int):  # type: ignore[no-untyped-def]
     for i in range(start, end, size):
         yield blob[i : min(end, i + size)]
+
+
+async def _delivered(transport: asyncio.Transport) -> None:
+    """Wait until every byte written so far has left our buffers and the peer acknowledged it."""
+    sock = transport.get_extra_info("socket")
+    unsent = array.array("i", [0])
+    while not transport.is_closing():
+        if transport.get_write_buffer_size() == 0:
+            if sock is None:
+                return
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, unsent)  # unacknowledged bytes
+            if unsent[0] == 0:
+                return
+        await asyncio.sleep(0.002)
+
+
+async def _until(event: threading.Event, seconds: float) -> None:
+    """Wait, without blocking the loop, until ``event`` is set or ``seconds`` have passed."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, event.wait, seconds)
 
 
 def _reset(transport: asyncio.BaseTransport) -> None:
