@@ -169,5 +169,6 @@ class Fetch:
     def _failed(self, tier: Tier, exc: TierError, pos: int) -> None:
         self.tiers.failed(tier, exc)
         self.errors.append(str(exc))
-        log.warning("fill of %s: %s at byte %d; %d bytes still missing",
-                    self.image.id, exc, pos, self.missing.total)  # fmt: skip
+        # What the failed request did not deliver goes back to ``missing`` after this, so the
+        # log says where it stopped rather than a count that would not include it yet.
+        log.warning("fill of %s: %s at byte %d", self.image.id, exc, pos)

@@ -41,20 +41,25 @@ class HttpBody:
         The first piece goes out as soon as it arrives (time to first byte); later ones gather up
         to READ_SIZE, or what arrived within GATHER seconds, so a fast body costs the fill about a
         thousand hops to its threads per GiB instead of several thousand, and a slow one still
-        lands steadily. Bytes received before an error are handed over before the error.
+        lands steadily. A tier that pauses does not hold back what it sent before the pause: the
+        window ends on time whether or not more bytes come. Bytes received before an error are
+        handed over before the error.
         """
-        content = self.resp.content
-        loop = asyncio.get_running_loop()
         pieces: list[bytes] = []
         size, first, deadline = 0, True, 0.0
         error: TierError | None = None
         try:
-            while data := await content.readany():
+            while (data := await self._read(deadline if pieces else None)) != b"":
+                if data is None:  # the window closed before more bytes came
+                    yield b"".join(pieces)
+                    pieces, size = [], 0
+                    continue
+                now = asyncio.get_running_loop().time()
                 if not pieces:
-                    deadline = loop.time() + GATHER
+                    deadline = now + GATHER
                 pieces.append(data)
                 size += len(data)
-                if first or size >= READ_SIZE or loop.time() >= deadline:
+                if first or size >= READ_SIZE or now >= deadline:
                     yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                     pieces, size, first = [], 0, False
         except TimeoutError:
@@ -65,6 +70,18 @@ class HttpBody:
             yield b"".join(pieces)
         if error is not None:
             raise error
+
+    async def _read(self, deadline: float | None) -> bytes | None:
+        """The next bytes of the body (b"" at its end); None if ``deadline`` came first."""
+        if deadline is None:
+            return await self.resp.content.readany()
+        try:
+            async with asyncio.timeout_at(deadline) as window:
+                return await self.resp.content.readany()
+        except TimeoutError:
+            if window.expired():
+                return None
+            raise  # the tier's own read timeout
 
 
 class HttpSource:
