@@ -16,7 +16,7 @@ import pytest
 
 from cachenode.config import TierConfig
 from cachenode.errors import FillFailed, IntegrityError, StoreError
-from cachenode.fill import Fills
+from cachenode.fill import Fill, Fills
 from cachenode.glance import ImageInfo
 from cachenode.local import Local
 from cachenode.metrics import Metrics
@@ -74,6 +74,14 @@ async def fills_over(
         local.close()
 
 
+async def filled(fills: Fills, data: bytes) -> Fill:
+    """Fill the image of ``data``, to its end (committed or failed)."""
+    fill, _ = fills.start(image_of(data), None)
+    assert fill.task is not None
+    await fill.task
+    return fill
+
+
 def test_a_write_failing_mid_fill_is_the_last_write_before_the_discard(tmp_path: Path) -> None:
     """The disk fails a write halfway: the fill fails, and no write of it runs after its
     partial file was discarded and its descriptors closed (one owner, no write in flight)."""
@@ -99,9 +107,7 @@ def test_a_write_failing_mid_fill_is_the_last_write_before_the_discard(tmp_path:
             fills.local.blobs.write = write  # type: ignore[method-assign]
             fills.local.blobs.discard = discard  # type: ignore[method-assign]
             before = open_fds()
-            fill, _ = fills.start(image_of(data), None)
-            assert fill.task is not None
-            await fill.task
+            fill = await filled(fills, data)
             assert isinstance(fill.error, StoreError)
             assert open_fds() <= before  # both descriptors of the partial file are closed
             assert fills.local.metrics.fills.labels("origin", "error")._value.get() == 1
@@ -162,9 +168,7 @@ def test_a_blob_that_cannot_be_removed_leaves_l1_consistent(tmp_path: Path) -> N
 
     async def main() -> None:
         async with fills_over(tmp_path / "cache", upstream) as fills:
-            fill, _ = fills.start(image_of(data), None)
-            assert fill.task is not None
-            await fill.task
+            await filled(fills, data)
             local = fills.local
             assert IMAGE_ID in local
 
@@ -191,9 +195,7 @@ def test_a_blob_of_the_wrong_size_is_dropped_not_served(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with fills_over(tmp_path / "cache", upstream) as fills:
-            fill, _ = fills.start(image_of(data), None)
-            assert fill.task is not None
-            await fill.task
+            await filled(fills, data)
             blob = fills.local.blobs.path(IMAGE_ID)
             os.truncate(blob, 1000)
             assert await fills.local.lookup(IMAGE_ID) is None
@@ -211,9 +213,7 @@ def test_a_tier_that_sent_bad_bytes_is_skipped_until_the_quarantine_ends(tmp_pat
 
     async def main() -> None:
         async with fills_over(tmp_path / "cache", upstream, clock) as fills:
-            fill, _ = fills.start(image_of(data), None)
-            assert fill.task is not None
-            await fill.task
+            fill = await filled(fills, data)
             assert isinstance(fill.error, IntegrityError)
             assert fills.candidates(IMAGE_ID) == []
             clock.now += fills.quarantine - 1
@@ -224,9 +224,7 @@ def test_a_tier_that_sent_bad_bytes_is_skipped_until_the_quarantine_ends(tmp_pat
             assert isinstance(fill.error, FillFailed)  # nothing to ask: no byte requested
             clock.now += 2
             assert [t.name for t in fills.candidates(IMAGE_ID)] == ["origin"]
-            fill, _ = fills.start(image_of(data), None)
-            assert fill.task is not None
-            await fill.task
+            fill = await filled(fills, data)
             assert fill.error is None and IMAGE_ID in fills.local
 
     with Upstream(blobs={IMAGE_ID: data}, faults=[Fault("flip", at=1000)]) as upstream:
