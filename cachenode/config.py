@@ -130,8 +130,12 @@ def _swift(s: v.Section, tier: TierConfig) -> TierConfig:
     if not 1 <= ttl <= 86400:
         raise ConfigError(s.key("temp_url_ttl"), "must be between 1s and 1d")
     container = s.take("container", v.string, "glance")
-    if "/" in container:
-        raise ConfigError(s.key("container"), "a container name has no '/'")
+    from cachenode.tiers.swift import segment  # the tier's own rule; tiers import this module
+
+    try:
+        segment(container)
+    except ValueError as exc:
+        raise ConfigError(s.key("container"), f"not a container name: {exc}") from None
     return replace(
         tier, container=container, temp_url_key_file=key, token_file=token, temp_url_ttl=ttl
     )

@@ -80,8 +80,10 @@ def _kind(value: object) -> str:
 
 
 def string(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         raise ValueError(f"expected a non-empty string, got {_kind(value)}")
+    if not value.strip():
+        raise ValueError("expected a non-empty string, got a blank one")
     return value
 
 

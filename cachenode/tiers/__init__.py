@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cachenode.config import TierConfig
-from cachenode.errors import TierError
+from cachenode.errors import TierError, TierNotFound
 from cachenode.glance import Credentials, ImageInfo
 from cachenode.metrics import Metrics
 
@@ -82,6 +82,8 @@ class TierSet:
 
     def failed(self, tier: Tier, exc: TierError) -> None:
         self.metrics.tier_failures.labels(tier.name, exc.kind).inc()
+        if isinstance(exc, TierNotFound):
+            return  # about one image (not there, or a location refused), not the tier's health
         health = self._health[tier.name]
         health.consecutive_failures += 1
         if health.consecutive_failures >= tier.config.failures_before_cooldown:

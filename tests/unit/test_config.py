@@ -202,3 +202,12 @@ def test_swift_tiers(tmp_path: Path) -> None:
     assert "tiers[0].container: unknown key" in error_of(config(tiers=[http]))
     glance = {"name": "g", "kind": "glance", "url": "http://g", "parallel": 2}
     assert "tiers[0].parallel: a glance tier is read whole" in error_of(config(tiers=[glance]))
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a%2fb", "a\\b", "a\nb"])
+def test_a_swift_container_is_one_plain_segment(tmp_path: Path, name: str) -> None:
+    key = tmp_path / "tempurl.key"
+    key.write_text("k\n")
+    swift = {"name": "o", "kind": "swift", "url": "http://swift:8080/v1/AUTH_glance",
+             "temp_url_key_file": str(key), "container": name}  # fmt: skip
+    assert "tiers[0].container: not a container name" in error_of(config(tiers=[swift]))
