@@ -461,3 +461,35 @@ def test_refused_callers_get_no_byte_however_they_ask(bed: Bed) -> None:
                 ref, via = attack(bed, raw, image)
                 assert ref is not None and not ref.ok and via.status == ref.status
     assert_clean(bed.car, bed.pid)
+
+
+def test_pipelined_requests_are_each_authorized_on_their_own(bed: Bed) -> None:
+    """Several requests on one connection, sent at once: each gets its own caller's answer."""
+    image = bed.images[1]
+    tokens = [ALICE, BOB, None, ALICE_READER, ALICE, "not-a-token", ALICE]
+    path = bed.path(image)
+    raws = [rawhttp.request("GET", path, with_token(t), connection="keep-alive") for t in tokens]
+    refs = [rawhttp.get(bed.store_port, path, with_token(t)) for t in tokens]
+    answers = rawhttp.pipeline(bed.car.port, raws)
+    assert len(answers) == len(tokens)
+    for token, ref, via in zip(tokens, refs, answers, strict=True):
+        assert ref is not None and via.status == ref.status, token
+        if via.ok:
+            assert via.body == image.data and via.header("X-Cachenode-Status") == "HIT"
+        else:
+            assert not leaked(via.body, image.data)
+    assert_clean(bed.car, bed.pid)
+
+
+@pytest.mark.parametrize(
+    "value", ["bytes 0-4/4099", "bytes 0-4/*", "bytes 4000-5000/*", "bytes */4099", "junk"]
+)
+@pytest.mark.parametrize("token", [ALICE, BOB], ids=["alice", "bob"])
+def test_a_content_range_request_gets_glances_answer(bed: Bed, value: str, token: str) -> None:
+    """Glance still honours the old ``Content-Range`` on a request; the sidecar passes it on."""
+    image = bed.images[1]
+    raw = rawhttp.request("GET", bed.path(image), with_token(token, ("Content-Range", value)))
+    ref, via = attack(bed, raw, image)
+    assert ref is not None and via.status == ref.status
+    assert via.header("Content-Range") == ref.header("Content-Range")
+    assert_clean(bed.car, bed.pid)

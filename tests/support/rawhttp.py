@@ -31,9 +31,12 @@ class Answer:
         return 200 <= self.status < 300
 
 
-def request(method: str, path: bytes | str, headers: list[Header]) -> bytes:
+def request(
+    method: str, path: bytes | str, headers: list[Header], connection: str = "close"
+) -> bytes:
     """The bytes of one request; ``Connection: close`` so that the server ends the exchange."""
-    lines = [_b(method) + b" " + _b(path) + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
+    lines = [_b(method) + b" " + _b(path) + b" HTTP/1.1", b"Host: 127.0.0.1"]
+    lines.append(b"Connection: " + _b(connection))
     lines += [_b(name) + b": " + _b(value) for name, value in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -58,6 +61,28 @@ def exchange(port: int, raw: bytes, method: str = "GET", timeout: float = 60) ->
         finally:
             resp.close()
         return Answer(resp.status, resp.headers, body, complete)
+
+
+def pipeline(port: int, raws: list[bytes], timeout: float = 60) -> list[Answer]:
+    """Send every request at once on one keep-alive connection; the answers, in order.
+
+    Each answer must carry a Content-Length (the sidecar's own do); reading stops at the first
+    that the server did not send (it may close after a refusal).
+    """
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"".join(raws))
+        stream = sock.makefile("rb")
+        for _ in raws:
+            status_line = stream.readline()
+            if not status_line:
+                break
+            status = int(status_line.split(b" ", 2)[1])
+            headers = http.client.parse_headers(stream)
+            length = int(headers["Content-Length"])
+            body = stream.read(length)
+            answers.append(Answer(status, headers, body, len(body) == length))
+    return answers
 
 
 def get(port: int, path: str, headers: list[Header], method: str = "GET") -> Answer | None:
