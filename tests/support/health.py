@@ -6,6 +6,7 @@ descriptors and resident memory from /proc, the partial files on disk, the excep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -29,6 +30,28 @@ def pid(sidecar: Sidecar) -> int:
 
 def fd_count(process: int) -> int:
     return len(os.listdir(f"/proc/{process}/fd"))
+
+
+def open_files(process: int) -> list[str]:
+    """What each open descriptor points at: a path, ``socket:[inode]``, ``pipe:[inode]``..."""
+    found = []
+    for fd in os.listdir(f"/proc/{process}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            found.append(os.readlink(f"/proc/{process}/fd/{fd}"))
+    return found
+
+
+def sockets(process: int) -> int:
+    return sum(1 for target in open_files(process) if target.startswith("socket:"))
+
+
+def image_files(sidecar: Sidecar, process: int) -> list[str]:
+    """Descriptors open on blobs or partial files: none once every caller and fill is gone.
+
+    (The catalog's SQLite files stay open, one connection per executor thread, as threads come.)
+    """
+    roots = (str(sidecar.cache_dir / "blobs"), str(sidecar.cache_dir / "partial"))
+    return [t for t in open_files(process) if t.startswith(roots)]
 
 
 def rss_bytes(process: int) -> int:
