@@ -16,6 +16,7 @@ lists, each case named after what it tries.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 import threading
@@ -81,6 +82,7 @@ def bed(glance: Glance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Be
             assert car.get(image.id, ALICE).content == image.data
             hit = car.get(image.id, ALICE)
             assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == image.data
+            hit.close()
         yield Bed(store, car, pid(car), [Target(i) for i in images])
     finally:
         car.stop()
@@ -169,7 +171,7 @@ def test_a_range_on_a_hit_is_answered_as_glance_answers_it(
         encoded = value.encode("latin-1")  # the bytes Glance's server decodes as they are
     raw = rawhttp.request("GET", bed.path(image), with_token(token, ("Range", encoded)))
     ref, via = attack(bed, raw, image)
-    # Glance's webob parser raises on a few malformed values (int('') for "bytes="-"): what it
+    # Glance's webob parser raises on a few malformed values (int('') for "bytes=-"): what it
     # means by them is "no such range", which is a 416.
     wanted = 416 if ref is None or ref.status >= 500 else ref.status
     assert via.status == wanted, f"Range {encoded!r}: Glance {ref and ref.status}, us {via.status}"
@@ -506,3 +508,41 @@ def test_a_content_range_request_gets_glances_answer(bed: Bed, value: str, token
     assert ref is not None and via.status == ref.status
     assert via.header("Content-Range") == ref.header("Content-Range")
     assert_clean(bed.car, bed.pid)
+
+
+FILL_RANGES = [
+    "bytes=0-99",
+    "bytes=1000000-1000099",
+    "bytes=-100",
+    "bytes=4194303-",
+    "bytes=0-",
+    "bytes=4194304-",
+    "bytes=5-2",
+    "bytes=x",
+    "bytes=2000000-9999999",
+]
+
+
+def test_ranges_during_a_fill_get_glances_answer(bed: Bed, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    image = Target(bed.store.create_image(4 << 20))
+    throttle = Fault("throttle", rate=2 << 20, times=-1)
+    with Upstream(target=bed.store.url, faults=[throttle]) as l2:
+        car: Sidecar = sidecar_factory(
+            "filling", glance_url=bed.store.url,
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        ).start()  # fmt: skip
+        whole = Caller(f"{car.url}/v2/images/{image.id}/file", ALICE)
+        thread = start(whole)
+        wait_for(lambda: l2.bytes_for(image.id) > 0)
+        for value in FILL_RANGES:
+            raw = rawhttp.request("GET", bed.path(image), with_token(ALICE, ("Range", value)))
+            ref = rawhttp.exchange(bed.store_port, raw)
+            via = rawhttp.exchange(car.port, raw)
+            assert ref is not None and via is not None and via.status == ref.status, value
+            if via.ok:
+                assert via.body == ref.body and via.header("Content-Range") == ref.header(
+                    "Content-Range"
+                )
+        thread.join(120)
+        assert whole.status == 200 and whole.sha512 == hashlib.sha512(image.data).hexdigest()
+        assert_clean(car, pid(car))
