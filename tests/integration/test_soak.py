@@ -42,7 +42,14 @@ from pathlib import Path
 import aiohttp
 
 from tests.support.glance import ALICE, ALICE_READER, BOB, Glance, Image
-from tests.support.health import assert_clean, fd_count, pid, rss_bytes, wait_below
+from tests.support.health import (
+    assert_clean,
+    fd_count,
+    image_files,
+    pid,
+    rss_bytes,
+    wait_below,
+)
 from tests.support.rawhttp import leaked
 from tests.support.sidecar import Sidecar
 
@@ -189,17 +196,18 @@ async def caller(run: Run, number: int) -> None:
 
 
 async def every(run: Run, period: float, action: Callable[[], Awaitable[None]]) -> None:
+    """``action`` at once (a short run still has a cold image), then every ``period``."""
     loop = asyncio.get_running_loop()
-    while loop.time() + period < run.deadline:
-        await asyncio.sleep(period)
+    while loop.time() < run.deadline:
         await action()
+        await asyncio.sleep(period)
 
 
 async def soak(car: Sidecar, glance: Glance, warm: list[Image], fresh: list[Image],
                admin_headers: dict[str, str], seconds: float) -> Tally:  # fmt: skip
     """``CLIENTS`` callers for ``seconds``, with uploads and evictions; what they saw."""
     rng = random.Random(SEED)
-    sizes = [rng.randrange(1 << 20, 3 << 20) for _ in range(int(seconds / UPLOAD_EVERY) + 1)]
+    sizes = [rng.randrange(1 << 20, 3 << 20) for _ in range(int(seconds / UPLOAD_EVERY) + 2)]
     connector = aiohttp.TCPConnector(limit=CLIENTS + 20)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -280,5 +288,6 @@ def test_soak_200_mixed_callers(glance: Glance, sidecar_factory, tmp_path: Path)
     assert tally.leaked == 0, "refused callers received image bytes"
     assert tally.cache["JOINED"] > 0 and tally.cache["MISS"] > 0 and tally.cache["HIT"] > 0
     assert_clean(car, process)
+    assert image_files(car, process) == [], "blobs or partial files still held open"
     assert fds_after <= fds_before + FD_SLACK, (fds_before, fds_after)
     assert rss_after <= rss_before + RSS_SLACK, (rss_before, rss_after)
