@@ -92,13 +92,6 @@ class Credentials:
     def from_headers(cls, headers: MultiMapping[str]) -> Credentials:
         return cls(tuple((h, v) for h in CREDENTIAL_HEADERS for v in headers.getall(h, [])))
 
-    @property
-    def repeated(self) -> bool:
-        """A credential header sent more than once: Glance's stack joins the values into one
-        token, other HTTP stacks keep one of them. Which token would a tier be shown? No cached
-        byte depends on that answer: such downloads are passed through (Glance judges them)."""
-        return len({name.lower() for name, _ in self.headers}) < len(self.headers)
-
     def header_map(self) -> CIMultiDict[str]:
         return CIMultiDict(self.headers)
 

@@ -331,6 +331,13 @@ def _close_if_unread(request: web.Request, resp: web.StreamResponse) -> None:
 
 
 def _unreachable(request: web.Request, exc: BaseException) -> web.Response:
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and request.transport is not None:
+        # Glance took the request and closed the connection without a status (uWSGI does when
+        # the application fails): the caller gets exactly that, not an answer of ours.
+        log.warning("pass-through %s %s: glance closed the connection without an answer",
+                    request.method, request.path)  # fmt: skip
+        request.transport.abort()
+        return web.Response(status=502)  # never sent: the connection is gone
     if request.transport is None or request.transport.is_closing():
         # The caller's body broke off, which aiohttp reports as a failed send: not Glance's doing.
         log.info("pass-through %s %s: the caller went away", request.method, request.path)

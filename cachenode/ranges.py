@@ -38,7 +38,9 @@ def parse(header: str) -> slice:
 
     Raises ValueError for what Glance answers with 416 (malformed, or end before start).
     """
-    parsed = Range.parse(header)
+    # Glance's server hands webob the header's bytes as latin-1; aiohttp decodes them as UTF-8.
+    # Read them as Glance does, or "bytes=\u0663-" (an Arabic-Indic digit) would be a range.
+    parsed = Range.parse(header.encode("utf-8", "surrogateescape").decode("latin-1"))
     if parsed is None:
         raise ValueError(f"malformed Range: {header!r}")
     return slice(parsed.start, parsed.end)

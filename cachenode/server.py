@@ -20,6 +20,7 @@ from typing import IO, Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDictProxy
 
 from cachenode.authz import Authorizer
 from cachenode.catalog import Entry
@@ -36,12 +37,19 @@ from cachenode.errors import (
     http_status,
 )
 from cachenode.fill import Fill, Fills
-from cachenode.glance import Credentials, GlanceClient, ImageInfo, is_image_id
+from cachenode.glance import (
+    CREDENTIAL_HEADERS,
+    Credentials,
+    GlanceClient,
+    ImageInfo,
+    is_image_id,
+)
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.proxy import Proxy, expect_handler
 from cachenode.ranges import ByteRange, resolve
 from cachenode.ranges import parse as parse_range
+from cachenode.tiers import Body
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("cachenode.access")
@@ -76,16 +84,12 @@ class DataPlane:
     async def download(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         image_id = request.match_info["image_id"]
-        if not is_image_id(image_id) or "Content-Range" in request.headers:
-            return await self._bypass(request, "not_cacheable")
-        if "," in request.headers.get("Range", ""):
-            return await self._bypass(request, "multi_range")  # Glance answers these (400)
+        if reason := bypass_reason(image_id, request.headers):
+            return await self._bypass(request, reason)
         creds = Credentials.from_headers(request.headers)
         if not creds.well_formed:
             self.metrics.requests.labels("denied").inc()
             return _error(401, "Unauthorized", "malformed credentials")
-        if creds.repeated:
-            return await self._bypass(request, "repeated_credentials")
         record = None
         if image_id not in self.local and self.fills.get(image_id) is None:
             # Likely a miss, which needs the image record: ask for it while Glance authorizes.
@@ -156,11 +160,9 @@ class DataPlane:
             if isinstance(rng, web.Response):
                 return rng
             resp = self._response(entry.size, rng, entry.checksum, "HIT", "l1")
-            await resp.prepare(request)
-            self.metrics.requests.labels("hit").inc()
-            self.metrics.ttfb.labels("hit").observe(time.monotonic() - started)
             start, end = (rng.start, rng.end) if rng else (0, entry.size)
             try:
+                await self._begin(request, resp, "hit", started)
                 await _sendfile(request, fobj, start, end - start)
                 self.metrics.served_bytes.labels("l1").inc(end - start)
                 request[SENT] = end - start
@@ -198,10 +200,8 @@ class DataPlane:
             fobj = open_handle()
             tier = "l1" if status == "hit" else fill.tier
             resp = self._response(fill.size, rng, fill.image.checksum, status.upper(), tier)
-            await resp.prepare(request)
-            self.metrics.requests.labels(status).inc()
-            self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
             try:
+                await self._begin(request, resp, status, started)
                 async for offset, count in fill.spans(start, end):
                     await _sendfile(request, fobj, offset, count)
                     self.metrics.served_bytes.labels(tier or "none").inc(count)
@@ -212,6 +212,14 @@ class DataPlane:
             except ConnectionError:
                 pass  # the caller went away; the fill goes on for the next one
             return resp
+
+    async def _begin(
+        self, request: web.Request, resp: web.StreamResponse, status: str, started: float
+    ) -> None:
+        """Send the status line and headers (a caller already gone raises ConnectionError)."""
+        await resp.prepare(request)
+        self.metrics.requests.labels(status).inc()
+        self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
 
     async def _range_from_tiers(
         self,
@@ -231,31 +239,41 @@ class DataPlane:
                     resp = self._response(
                         fill.size, rng, fill.image.checksum, status.upper(), tier.name
                     )
-                    await resp.prepare(request)
-                    self.metrics.requests.labels(status).inc()
-                    self.metrics.ttfb.labels(status).observe(time.monotonic() - started)
-                    sent = 0
-                    try:
-                        async for chunk in body.chunks():
-                            chunk = chunk[: rng.length - sent]
-                            await resp.write(chunk)
-                            sent += len(chunk)
-                            if sent == rng.length:
-                                break
-                    except TierError:
-                        pass
-                    except ConnectionError:
-                        return resp
-                    self.metrics.served_bytes.labels(tier.name).inc(sent)
-                    request[SENT] = sent
-                    if sent < rng.length:
-                        _cut(request)
-                        return resp
-                    await resp.write_eof()
+                    await self._relay_range(request, resp, body, rng, (status, started))
                     return resp
-            except TierError as exc:
+            except TierError as exc:  # before the headers: the next tier may answer
                 log.info("range of %s from %s: %s", fill.image.id, tier.name, exc)
         return None
+
+    async def _relay_range(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        body: Body,
+        rng: ByteRange,
+        begun: tuple[str, float],
+    ) -> None:
+        """The tier's bytes of ``rng`` to the caller; a tier that breaks off cuts the caller."""
+        sent = 0
+        try:
+            await self._begin(request, resp, *begun)
+            async for chunk in body.chunks():
+                chunk = chunk[: rng.length - sent]
+                await resp.write(chunk)
+                sent += len(chunk)
+                if sent == rng.length:
+                    break
+            if sent == rng.length:
+                await resp.write_eof()
+        except TierError:
+            pass  # headers are out: the cut below is the only honest signal left
+        except ConnectionError:
+            return  # the caller went away
+        finally:
+            self.metrics.served_bytes.labels(resp.headers["X-Cachenode-Tier"]).inc(sent)
+            request[SENT] = sent
+        if sent < rng.length:
+            _cut(request)
 
     async def _bypass(self, request: web.Request, reason: str) -> web.StreamResponse:
         self.metrics.passthrough.labels(reason).inc()
@@ -341,6 +359,32 @@ class DataPlane:
                 "denied" if isinstance(exc, GlanceRefused) else "error"
             ).inc()
             return error_response(exc)
+
+
+# The request headers a cached answer depends on, and those Glance reads by other spellings:
+# uWSGI hands Glance "X_Auth_Token" as X-Auth-Token (both become HTTP_X_AUTH_TOKEN).
+_DECIDING = frozenset(("x-auth-token", "x-service-token", "range", "content-range"))
+
+
+def bypass_reason(image_id: str, headers: CIMultiDictProxy[str]) -> str | None:
+    """Why a download goes straight to Glance before the cache looks at it, or None.
+
+    Each reason is a request whose answer the cache could not give exactly as Glance would, so
+    Glance answers it: an id that is not canonical; the old ``Content-Range`` on a request (Glance
+    still honours it); several ranges, in one header or several (Glance joins repeated headers
+    and refuses the list with 400); a credential or range header spelled with underscores, or a
+    credential header sent twice (which token would Glance judge, which would a tier be shown?).
+    """
+    if not is_image_id(image_id) or "Content-Range" in headers:
+        return "not_cacheable"
+    if any("_" in name and name.lower().replace("_", "-") in _DECIDING for name in headers):
+        return "ambiguous_headers"
+    ranges = headers.getall("Range", [])
+    if len(ranges) > 1 or any("," in value for value in ranges):
+        return "multi_range"
+    if any(len(headers.getall(name, [])) > 1 for name in CREDENTIAL_HEADERS):
+        return "repeated_credentials"
+    return None
 
 
 class UnparsableRequests(logging.Filter):

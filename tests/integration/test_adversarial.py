@@ -95,7 +95,10 @@ def attack(
     """Send ``raw`` to Glance and to the sidecar; assert the invariants; both answers."""
     ref = rawhttp.exchange(bed.store_port, raw, method)
     via = rawhttp.exchange(bed.car.port, raw, method)
-    assert via is not None, "the sidecar closed the connection without an answer"
+    if via is None:  # the sidecar may close without an answer only where Glance did
+        assert ref is None, f"the sidecar closed the connection; Glance answered {ref.status}"
+        assert_alive(bed.car, bed.pid)
+        return ref, via  # type: ignore[return-value]
     if via.status >= 500:
         relayed = ref is not None and ref.status == via.status
         assert relayed and "X-Cachenode-Status" not in via.headers, (via.status, via.body[:300])
@@ -505,8 +508,11 @@ def test_a_content_range_request_gets_glances_answer(bed: Bed, value: str, token
     image = bed.images[1]
     raw = rawhttp.request("GET", bed.path(image), with_token(token, ("Content-Range", value)))
     ref, via = attack(bed, raw, image)
-    assert ref is not None and via.status == ref.status
-    assert via.header("Content-Range") == ref.header("Content-Range")
+    if ref is None:  # Glance fails on "bytes */SIZE" and closes: the caller sees just that
+        assert via is None
+    else:
+        assert via.status == ref.status
+        assert via.header("Content-Range") == ref.header("Content-Range")
     assert_clean(bed.car, bed.pid)
 
 

@@ -94,3 +94,9 @@ def test_parse_like_glance(header: str, wanted: slice) -> None:
 def test_parse_rejects_like_glance(header: str) -> None:
     with pytest.raises(ValueError):
         parse(header)
+
+
+@pytest.mark.parametrize("header", ["bytes=\u0663-", "bytes=-\u0663", "byte\u017f=0-0"])
+def test_parse_reads_header_bytes_as_latin_1_like_glance(header: str) -> None:
+    with pytest.raises(ValueError):
+        parse(header)
