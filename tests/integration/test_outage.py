@@ -65,14 +65,13 @@ def test_regional_dies_mid_fill_then_swift_too(tmp_path: Path, sidecar_factory) 
         assert hit.status_code == 200 and hit.headers["X-Cachenode-Status"] == "HIT"
         assert hit.content == image.data
         # A miss with no tier left is passed to Glance, which cannot read its store either and
-        # drops the connection without an answer: the pass-through says so with a 502 (never a
-        # 503 "Glance unreachable": Glance answered the probe), and not a byte of the image.
+        # drops the connection without an answer: the caller's connection is dropped too (never
+        # a 503 "Glance unreachable": Glance answered the probe), and not a byte of the image.
         with pytest.raises(requests.ConnectionError):
             central.api("GET", f"/v2/images/{other.id}/file")
-        miss = sidecar.get(other.id, ALICE)
-        assert miss.status_code == 502 and miss.json()["error"]["code"] == 502
+        with pytest.raises(requests.ConnectionError):  # no status line: not a byte
+            sidecar.get(other.id, ALICE)
         assert sidecar.metric("cachenode_passthrough_total", reason="tier_failed") == 1
-        assert other.data[:64] not in miss.content
         assert [b.name for b in sidecar.blobs()] == [image.id] and sidecar.partials() == []
     finally:
         regional.stop()
