@@ -25,18 +25,17 @@ def policy_file(tmp_path: Path, **policy: object) -> str:
     return str(path)
 
 
+def golden_lru(tmp_path: Path, low_watermark: float) -> str:
+    """LRU within 10 MiB (evicting past 90%), images tagged golden pinned."""
+    golden = {"tags": ["golden"]}
+    return policy_file(tmp_path, order="lru", max_bytes="10MiB", high_watermark=0.9,
+                       low_watermark=low_watermark, min_free_disk=0, pin=golden)  # fmt: skip
+
+
 def test_lru_within_max_bytes_and_pins_by_tag(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    policy = policy_file(
-        tmp_path,
-        order="lru",
-        max_bytes="10MiB",
-        high_watermark=0.9,
-        low_watermark=0.6,
-        min_free_disk=0,
-        pin={"tags": ["golden"]},
-    )
+    policy = golden_lru(tmp_path, low_watermark=0.6)
     sidecar = sidecar_factory(cache={"policy": policy}).start()
     golden = glance.create_image(3 * MiB, tags=["golden"])
     a, b = glance.create_image(3 * MiB), glance.create_image(2 * MiB)
@@ -63,15 +62,7 @@ def evictions(sidecar: Sidecar) -> float:
 def test_an_image_that_cannot_fit_is_passed_through_and_evicts_nothing(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    policy = policy_file(
-        tmp_path,
-        order="lru",
-        max_bytes="10MiB",
-        high_watermark=0.9,
-        low_watermark=0.5,
-        min_free_disk=0,
-        pin={"tags": ["golden"]},
-    )
+    policy = golden_lru(tmp_path, low_watermark=0.5)
     sidecar = sidecar_factory(cache={"policy": policy}).start()
     golden = glance.create_image(4 * MiB, tags=["golden"])
     small = [glance.create_image(1 * MiB) for _ in range(3)]
