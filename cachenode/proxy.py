@@ -112,6 +112,15 @@ class Proxy:
         self._base = urlsplit(self.glance_url)
         self.pools = pools
 
+    @staticmethod
+    def forwardable(request: web.Request) -> bool:
+        """Whether ``request``'s headers can go to Glance unchanged."""
+        try:
+            _utf8(end_to_end(request.headers))
+        except UnicodeEncodeError:
+            return False
+        return True
+
     async def forward(
         self, request: web.Request, extra_headers: dict[str, str] | None = None
     ) -> web.StreamResponse:

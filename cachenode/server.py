@@ -118,7 +118,13 @@ class DataPlane:
         except GlanceRefused as exc:
             if exc.status == 404 and image_id in self.local:
                 await self._evict_if_gone(image_id)
-            raise
+            # Glance refused: the caller's own request goes to Glance, so the refusal it gets is
+            # exactly Glance's answer to it (its Accept decides JSON, HTML or text; the probe's
+            # was asked for one byte, with the probe's headers).
+            self.metrics.requests.labels("denied").inc()
+            if self.proxy.forwardable(request):
+                return await self.proxy.forward(request)
+            return error_response(exc)  # the probe's refusal is the nearest to Glance's own
         except ProbeUndecided:
             return await self._bypass(request, "undecided")  # the caller gets Glance's answer
         if not decision.has_data:

@@ -196,3 +196,22 @@ def test_a_store_without_random_access_grants_only_after_authorization(
     for token, refused in ((BOB, 404), (ALICE_READER, 403), ("not-a-token", 401)):
         assert_refused_like_glance(glance_swift, sidecar, image, token, refused)
     assert sidecar.metric("cachenode_authz_total", outcome="allowed") == 2
+
+
+def test_a_refusal_is_glances_answer_to_the_callers_own_request(
+    glance: Glance, sidecar: Sidecar
+) -> None:
+    """Glance shapes its refusals by the caller's Accept (JSON for openstacksdk, HTML or text
+    for others): on a hit and on a miss, the caller gets what Glance gives its own request."""
+    hit, cold = cached(glance, sidecar), glance.create_image(1 << 20)
+    for image in (hit, cold):
+        for accept in ("application/json", "text/html", "text/plain"):
+            for token, status in ((BOB, 404), (ALICE_READER, 403), ("junk", 401)):
+                headers = {"X-Auth-Token": token, "Accept": accept}
+                url = f"/v2/images/{image.id}/file"
+                via = requests.get(sidecar.url + url, headers=headers, timeout=60)
+                ref = requests.get(glance.url + url, headers=headers, timeout=60)
+                assert (via.status_code, ref.status_code) == (status, status)
+                assert via.headers["Content-Type"] == ref.headers["Content-Type"]
+                assert via.content == ref.content and image.data[:64] not in via.content
+    assert cold.id not in [b.name for b in sidecar.blobs()]
