@@ -1,6 +1,7 @@
 """What cachenode asks glance.url: may this caller download this image, and what is the image.
 
-Every call carries the caller's own credentials; Glance's refusals come back as GlanceRefused with
+Every call carries the caller's own credentials (and, on the probe and record calls, its request
+id when well formed: ``cachenode.correlation``); Glance's refusals come back as GlanceRefused with
 Glance's status, headers and body, to be relayed unchanged. No call follows a redirect: it would
 hand the credentials to whatever the Location names. aiohttp's exceptions are translated here and
 nowhere else.
@@ -21,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+from cachenode import correlation
 from cachenode.authz import PROBE_BODY_LIMIT, ProbeAnswer, Verdict, judge_probe
 from cachenode.errors import GlanceRefused, GlanceUnavailable, ProbeUndecided
 
@@ -235,12 +237,14 @@ class GlanceClient:
         """
         url = f"{self.url}/v2/images/{image_id}/file"
         headers = creds.header_map()
+        headers.update(correlation.outbound())  # the caller's request id, if well formed
         headers["Range"] = "bytes=0-0"
         headers["Accept-Encoding"] = "identity"  # Glance's sentences, not a compressed page
         try:
             async with self.session.get(
                 url, headers=headers, timeout=self.timeout, allow_redirects=False
             ) as resp:
+                correlation.note("probe", resp.headers)
                 answer = ProbeAnswer(resp.status, resp.headers, await _small_body(resp))
         except (TimeoutError, aiohttp.ClientConnectorError) as exc:
             raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
@@ -268,10 +272,13 @@ class GlanceClient:
 
     async def _image(self, image_id: str, creds: Credentials) -> ImageInfo:
         url = f"{self.url}/v2/images/{image_id}"
+        headers = creds.header_map()
+        headers.update(correlation.outbound())  # the caller's request id, if well formed
         try:
             async with self.session.get(
-                url, headers=creds.header_map(), timeout=self.timeout, allow_redirects=False
+                url, headers=headers, timeout=self.timeout, allow_redirects=False
             ) as resp:
+                correlation.note("record", resp.headers)
                 body = await resp.read()
                 if resp.status != 200:
                     raise self._refusal(resp, body)

@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
+from cachenode import correlation
 from cachenode.authz import Authorizer
 from cachenode.catalog import Entry
 from cachenode.errors import (
@@ -56,6 +57,7 @@ access = logging.getLogger("cachenode.access")
 SENT = web.RequestKey(
     "sent", int
 )  # body bytes a download handler sent (sendfile bypasses the writer)
+IDS = web.RequestKey("ids", correlation.Correlation)
 T = TypeVar("T")
 
 
@@ -70,7 +72,8 @@ class DataPlane:
     service_creds: Credentials | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._access, self._errors])
+        app = web.Application(middlewares=[self._access, self._correlate, self._errors])
+        app.on_response_prepare.append(_stamp)  # a response prepared inside a handler
         # HEAD is Glance's to answer (405): only GET goes through the cache. Expect: 100-continue
         # is Glance's to answer too (cachenode.proxy), never aiohttp's at once.
         app.router.add_get("/v2/images/{image_id}/file", self.download, allow_head=False,
@@ -345,15 +348,34 @@ class DataPlane:
             return await handler(request)
         started = time.monotonic()
         resp = await handler(request)
+        ids = request.get(IDS)
+        response_id = resp.headers.get(correlation.HEADER)
         access.info(
-            "GET %s %d %s %s %d bytes %.3fs",
+            "GET %s %d %s %s %d bytes %.3fs %s global %s",
             request.raw_path,  # as sent, percent-encoding and all: one request, one line
             resp.status,
             resp.headers.get("X-Cachenode-Status", "-"),
             resp.headers.get("X-Cachenode-Tier", "-"),
             request.get(SENT, resp.body_length),
             time.monotonic() - started,
+            response_id if correlation.valid(response_id) else "-",  # a relayed one may be junk
+            (ids.caller if ids else None) or "-",
         )
+        return resp
+
+    @web.middleware
+    async def _correlate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """This request's ids, for the Glance calls made for it and for its response's
+        ``X-Openstack-Request-Id`` (``cachenode.correlation`` says which id and why)."""
+        ids = correlation.Correlation(correlation.only_valid(request.headers))
+        request[IDS] = ids
+        token = correlation.CURRENT.set(ids)
+        try:
+            resp = await handler(request)
+        finally:
+            correlation.CURRENT.reset(token)
+        if not resp.prepared:
+            await _stamp(request, resp)  # a Response returned whole, prepared after this
         return resp
 
     @web.middleware
@@ -405,6 +427,13 @@ class UnparsableRequests(logging.Filter):
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+async def _stamp(request: web.Request, resp: web.StreamResponse) -> None:
+    """Give a response exactly one request id: one relayed from Glance keeps Glance's."""
+    ids = request.get(IDS)
+    if ids is not None and correlation.HEADER not in resp.headers:
+        resp.headers[correlation.HEADER] = ids.for_response(resp.headers.get("X-Cachenode-Status"))
 
 
 def error_response(exc: CachenodeError) -> web.Response:
