@@ -343,7 +343,8 @@ class DataPlane:
 
     @web.middleware
     async def _access(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """One log line per image download (never a header: tokens stay out of logs)."""
+        """One log line per image download. Of the headers, only the request ids, validated
+        (``cachenode.correlation``): tokens and anything a caller could forge stay out of logs."""
         if not request.path.endswith("/file") or request.method != "GET":
             return await handler(request)
         started = time.monotonic()

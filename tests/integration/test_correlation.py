@@ -183,14 +183,20 @@ def test_an_ill_formed_id_is_neither_forwarded_nor_logged(
     assert all(line.endswith(" global -") for line in access_lines(car, image))
 
 
-def test_an_id_folded_over_two_lines_is_not_forwarded(chatty: Glance, car: Sidecar) -> None:
+@pytest.mark.parametrize("newline", ["\r\n ", "\n", "\r"])
+def test_an_id_with_a_newline_is_refused_before_anything(
+    chatty: Glance, car: Sidecar, newline: str
+) -> None:
+    """The HTTP parser refuses it (400, as bare bytes: no handler ran, so no id of ours either)."""
     image = chatty.create_image(1 << 20)
+    forged = "X-Forged: forged-newline-correlation"
     raw = rawhttp.request(
         "GET",
         f"/v2/images/{image.id}/file",
-        [("X-Auth-Token", ALICE), (HEADER, caller_id() + "\r\n forged-fold-correlation")],
+        [("X-Auth-Token", ALICE), (HEADER, caller_id() + newline + forged)],
     )
     answer = rawhttp.exchange(car.port, raw)
-    assert answer is not None
-    assert "forged-fold-correlation" not in glance_log(chatty)
-    assert "forged-fold-correlation" not in car.log()
+    assert answer is not None and answer.status == 400
+    assert "forged-newline-correlation" not in glance_log(chatty)
+    assert "forged-newline-correlation" not in car.log()
+    assert access_lines(car, image) == []
