@@ -13,8 +13,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import glanceclient
 import pytest
 import requests
+from keystoneauth1 import session as ks_session
+from keystoneauth1 import token_endpoint
 
 from cachenode.correlation import HEADER
 from tests.support import rawhttp
@@ -200,3 +203,27 @@ def test_an_id_with_a_newline_is_refused_before_anything(
     assert "forged-newline-correlation" not in glance_log(chatty)
     assert "forged-newline-correlation" not in car.log()
     assert access_lines(car, image) == []
+
+
+def test_nova_s_way_of_calling_glance_is_correlated(chatty: Glance, car: Sidecar) -> None:
+    """glanceclient with ``global_request_id``, as nova builds it for every call it makes."""
+    image = chatty.create_image(1 << 20)
+    global_id = caller_id()
+    session = ks_session.Session(auth=token_endpoint.Token(car.url, ALICE))
+    client = glanceclient.Client(
+        "2", session=session, endpoint_override=car.url, global_request_id=global_id
+    )
+    for status in ("MISS", "HIT"):
+        body = client.images.data(image.id)
+        assert b"".join(body) == image.data
+        car.settle()
+        line = access_lines(car, image)[-1]
+        assert f" 200 {status} " in line and line.endswith(f" global {global_id}"), line
+        # glanceclient hands nova the answer's id: Glance's (the caller's own) on a miss, ours
+        # on a hit, which the access line shows next to the caller's
+        if status == "MISS":
+            assert body.request_ids == [global_id]
+        else:
+            assert len(body.request_ids) == 1 and body.request_ids[0] != global_id
+        assert line.endswith(f"{body.request_ids[0]} global {global_id}")
+    assert glance_logged(chatty, global_id, "alice projA")
