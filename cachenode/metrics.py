@@ -104,11 +104,17 @@ class Metrics:
             ["event", "action"],
             registry=r,
         )
+        # Exported only by a sidecar with a listener (``listening``): no series means none is
+        # configured, so an alert on 0 never fires on a host that does not use notifications.
         self.notifications_connected = Gauge(
             p + "notifications_connected",
             "1 while the notification listener is connected to the bus",
-            registry=r,
+            registry=None,
         )
+
+    def listening(self) -> None:
+        """A notification listener is configured: export its state (0 until it connects)."""
+        self.registry.register(self.notifications_connected)
 
     def prime(self, tiers: list[str]) -> None:
         """Create every series this sidecar can produce, at 0 (see the module's docstring)."""

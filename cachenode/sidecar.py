@@ -78,6 +78,7 @@ class Sidecar:
         """Start the listener on Glance's notifications, if configured; its state for /readyz."""
         if self.config.notifications_url is None:
             return None
+        self.metrics.listening()
         act = Invalidator(self.metrics, authz.forget, self.local.evict,
                           warmer.activated if warmer else None)  # fmt: skip
         self.listener = Listener(
