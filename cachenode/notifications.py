@@ -29,7 +29,8 @@ Decisions:
 - A bus that is down, restarted or unreachable costs no download: the listener reconnects with
   exponential backoff (0.5 s to 30 s), ``cachenode_notifications_connected`` says where it stands,
   and authorizations are still remembered for at most ``authz.ttl``: notifications only shorten
-  that window, they never lengthen it.
+  that window, they never lengthen it. Every (re)connection drops every remembered decision
+  (``on_connected``): what Glance changed while the listener was away was never heard.
 """
 
 from __future__ import annotations
@@ -121,10 +122,12 @@ class Listener:
         on_notice: Callable[[Notice], None],
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        on_connected: Callable[[], None] = lambda: None,
         backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         self.url = kombu_url(transport_url)
         self.on_notice = on_notice
+        self.on_connected = on_connected
         self.metrics = metrics
         self.loop = loop
         self.backoff = backoff
@@ -179,6 +182,7 @@ class Listener:
             conn.ensure_connection(max_retries=1)
             with conn.Consumer(queue, on_message=self._message, no_ack=True, accept=[]):
                 self._set_connected(True)
+                self.loop.call_soon_threadsafe(self.on_connected)
                 log.info("notifications: listening on exchange %s (queue %s)", EXCHANGE, name)
                 while not self._stop.is_set():
                     try:

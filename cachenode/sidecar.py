@@ -81,9 +81,8 @@ class Sidecar:
         self.metrics.listening()
         act = Invalidator(self.metrics, authz.forget, self.local.evict,
                           warmer.activated if warmer else None)  # fmt: skip
-        self.listener = Listener(
-            self.config.notifications_url.reveal(), act, self.metrics, asyncio.get_running_loop()
-        )
+        self.listener = Listener(self.config.notifications_url.reveal(), act, self.metrics,
+                                 asyncio.get_running_loop(), authz.forget_all)  # fmt: skip
         self.listener.start()
         return self.listener.state
 

@@ -138,9 +138,16 @@ def test_a_bus_outage_costs_no_download(
         fresh = glance.create_image(1 * MiB)
         miss = listening.get(fresh.id, ALICE)
         assert miss.headers["X-Cachenode-Status"] == "MISS" and miss.content == fresh.data
+        assert listening.get(fresh.id, ALICE).headers["X-Cachenode-Status"] == "HIT"
+        # Taken away while nobody hears it: served on the remembered decision until the bus is back.
+        unheard = glance.api("POST", f"/v2/images/{fresh.id}/actions/deactivate", ADMIN)
+        unheard.raise_for_status()
+        assert listening.get(fresh.id, ALICE).headers["X-Cachenode-Status"] == "HIT"
     finally:
         rabbit.start()  # the same port: Glance and the sidecar find it again
     wait_for(lambda: listening.metric("cachenode_notifications_connected") == 1, timeout=40)
     assert "notifications: connected" in requests.get(listening.admin_url + "/readyz").text
+    # Reconnected: every remembered decision is dropped, the unheard change included.
+    wait_for(lambda: refused(listening, glance, Image(fresh.id, fresh.data), ALICE, 403), timeout=5)
     glance.api("POST", f"/v2/images/{image.id}/actions/deactivate", ADMIN).raise_for_status()
     wait_for(lambda: refused(listening, glance, image, ALICE, 403), timeout=10)
