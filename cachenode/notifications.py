@@ -179,7 +179,7 @@ class Listener:
             queue_arguments={"x-expires": QUEUE_EXPIRES_MS},
         )  # fmt: skip
         with kombu.Connection(self.url, connect_timeout=5, heartbeat=10) as conn:
-            conn.ensure_connection(max_retries=1)
+            conn.ensure_connection(max_retries=0)  # our backoff, not kombu's sleeps
             with conn.Consumer(queue, on_message=self._message, no_ack=True, accept=[]):
                 self._set_connected(True)
                 self.loop.call_soon_threadsafe(self.on_connected)

@@ -149,5 +149,6 @@ def test_a_bus_outage_costs_no_download(
     assert "notifications: connected" in requests.get(listening.admin_url + "/readyz").text
     # Reconnected: every remembered decision is dropped, the unheard change included.
     wait_for(lambda: refused(listening, glance, Image(fresh.id, fresh.data), ALICE, 403), timeout=5)
+    assert "guest:guest" not in listening.log()  # the bus's credentials are never logged
     glance.api("POST", f"/v2/images/{image.id}/actions/deactivate", ADMIN).raise_for_status()
     wait_for(lambda: refused(listening, glance, image, ALICE, 403), timeout=10)
