@@ -79,6 +79,7 @@ class Config:
     log_level: str = "info"
     janitor_interval: float = 30.0
     notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
+    notifications_durable: bool = False  # as Glance's [oslo_messaging_rabbit] amqp_durable_queues
 
 
 def _secret_file(value: object) -> Secret:
@@ -151,6 +152,12 @@ def _transport_url_file(value: object) -> Secret:
     return url
 
 
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
 def parse_config(data: object) -> Config:
     doc = v.Section(data, "")
     listen = doc.take("listen", v.listen_address, ("127.0.0.1", 9393))
@@ -202,6 +209,7 @@ def parse_config(data: object) -> Config:
 
     notifications = doc.section("notifications")
     notifications_url = notifications.take("transport_url_file", _transport_url_file, None)
+    notifications_durable = notifications.take("durable_exchange", _boolean, False)
     notifications.finish()
     doc.finish()
 
@@ -220,6 +228,7 @@ def parse_config(data: object) -> Config:
         log_level=log_level,
         janitor_interval=janitor_interval,
         notifications_url=notifications_url,
+        notifications_durable=notifications_durable,
     )
 
 

@@ -22,6 +22,10 @@ Decisions:
   dependencies (oslo.config, oslo.utils, eventlet-era executors) for one consumer of one queue.
   kombu blocks, so it runs in a thread of its own; each notice goes to the event loop with
   ``call_soon_threadsafe``, and nothing of the data plane ever waits on the bus.
+- The exchange is declared as Glance declares it (RabbitMQ refuses a second declaration that
+  differs): not durable, unless ``notifications.durable_exchange`` says Glance's
+  ``[oslo_messaging_rabbit] amqp_durable_queues`` is on. A mismatch shows as a listener that never
+  connects (its log says ``PRECONDITION_FAILED``), never as a download lost.
 - The queue is named afresh for every connection (``cachenode.<host>.<random>``), not durable and
   auto-deleted, with ``x-expires`` as well: a host that dies leaves nothing behind on the broker,
   and a restarted sidecar never competes with its former self for messages. Messages are not
@@ -123,11 +127,13 @@ class Listener:
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
         on_connected: Callable[[], None] = lambda: None,
+        durable: bool = False,
         backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         self.url = kombu_url(transport_url)
         self.on_notice = on_notice
         self.on_connected = on_connected
+        self.durable = durable
         self.metrics = metrics
         self.loop = loop
         self.backoff = backoff
@@ -162,7 +168,7 @@ class Listener:
                 if self.connected:
                     log.warning("notifications: lost the bus (%s); reconnecting", exc)
                 else:
-                    log.warning("notifications: cannot reach the bus (%s); retry in %.1fs",
+                    log.warning("notifications: cannot listen on the bus (%s); retry in %.1fs",
                                 exc, delay)  # fmt: skip
             except Exception:  # a bug of ours or kombu's must not end listening for good
                 log.exception("notifications: listener failed; retry in %.1fs", delay)
@@ -173,7 +179,7 @@ class Listener:
 
     def _consume(self) -> None:
         name = f"cachenode.{socket.gethostname()}.{secrets.token_hex(4)}"
-        exchange = kombu.Exchange(EXCHANGE, type="topic", durable=False)
+        exchange = kombu.Exchange(EXCHANGE, type="topic", durable=self.durable)
         queue = kombu.Queue(
             name, exchange, routing_key=ROUTING_KEY, durable=False, auto_delete=True,
             queue_arguments={"x-expires": QUEUE_EXPIRES_MS},

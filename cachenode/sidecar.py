@@ -82,7 +82,8 @@ class Sidecar:
         act = Invalidator(self.metrics, authz.forget, self.local.evict,
                           warmer.activated if warmer else None)  # fmt: skip
         self.listener = Listener(self.config.notifications_url.reveal(), act, self.metrics,
-                                 asyncio.get_running_loop(), authz.forget_all)  # fmt: skip
+                                 asyncio.get_running_loop(), authz.forget_all,
+                                 self.config.notifications_durable)  # fmt: skip
         self.listener.start()
         return self.listener.state
 

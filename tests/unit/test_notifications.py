@@ -76,7 +76,10 @@ def test_config_reads_the_url_from_a_file_and_never_shows_it(tmp_path: Path) -> 
     assert cfg.notifications_url is not None
     assert cfg.notifications_url.reveal() == "rabbit://glance:s3cr3t@bus:5672/"
     assert "s3cr3t" not in repr(cfg)
+    assert cfg.notifications_durable is False
     assert parse_config(MINIMAL).notifications_url is None
+    durable = {"transport_url_file": str(url), "durable_exchange": True}
+    assert parse_config({**MINIMAL, "notifications": durable}).notifications_durable is True
 
 
 @pytest.mark.parametrize(
@@ -86,6 +89,7 @@ def test_config_reads_the_url_from_a_file_and_never_shows_it(tmp_path: Path) -> 
         ({"transport_url_file": "FILE"}, "http://bus/", "notifications.transport_url_file: not a"),
         ({"transport_url_file": "FILE"}, "", "notifications.transport_url_file:"),
         ({"transport_url": "rabbit://u:p@h/"}, None, "notifications.transport_url"),
+        ({"durable_exchange": "yes"}, None, "notifications.durable_exchange: expected true"),
     ],
 )
 def test_config_errors_name_the_key(
