@@ -48,6 +48,8 @@ class Admin:
     policy: Policy
     token: Secret | None
     ready: Callable[[], bool]
+    # the notification listener's state, for /readyz's detail (None: no listener configured)
+    notifications: Callable[[], str] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -74,9 +76,12 @@ class Admin:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Ready or not; a listener that lost the bus is a detail, never a reason to be unready
+        (downloads do not need it: ``authz.ttl`` still bounds every remembered decision)."""
+        detail = f"notifications: {self.notifications()}\n" if self.notifications else ""
         if self.ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+            return web.Response(text="ready\n" + detail)
+        return web.Response(status=503, text="not ready\n" + detail)
 
     # -- the JSON API
     async def list_images(self, request: web.Request) -> web.Response:

@@ -248,6 +248,11 @@ class Authorizer:
         for key in [k for k in self._remembered if k[1] == image_id]:
             del self._remembered[key]
 
+    def forget_all(self) -> None:
+        """Drop every decision: the notification listener (re)connected, and what Glance changed
+        while it was away is unknown."""
+        self._remembered.clear()
+
     def _remember(self, key: tuple[bytes, str], has_data: bool, now: float) -> None:
         self._remembered[key] = _Remembered(
             has_data, fresh_until=now + self.ttl, stale_until=now + self.ttl + self.stale_if_error

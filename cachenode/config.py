@@ -78,6 +78,8 @@ class Config:
     service_token: Secret | None = None
     log_level: str = "info"
     janitor_interval: float = 30.0
+    notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
+    notifications_durable: bool = False  # as Glance's [oslo_messaging_rabbit] amqp_durable_queues
 
 
 def _secret_file(value: object) -> Secret:
@@ -141,6 +143,21 @@ def _swift(s: v.Section, tier: TierConfig) -> TierConfig:
     )
 
 
+def _transport_url_file(value: object) -> Secret:
+    """A file holding ``rabbit://user:pass@host:5672/`` (secrets only ever in files)."""
+    from cachenode.notifications import kombu_url  # its own rule for the URL
+
+    url = _secret_file(value)
+    kombu_url(url.reveal())  # ValueError: named after the key by Section.take
+    return url
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
 def parse_config(data: object) -> Config:
     doc = v.Section(data, "")
     listen = doc.take("listen", v.listen_address, ("127.0.0.1", 9393))
@@ -189,6 +206,11 @@ def parse_config(data: object) -> Config:
     service = doc.section("service_auth")
     service_token = service.take("token_file", _secret_file, None)
     service.finish()
+
+    notifications = doc.section("notifications")
+    notifications_url = notifications.take("transport_url_file", _transport_url_file, None)
+    notifications_durable = notifications.take("durable_exchange", _boolean, False)
+    notifications.finish()
     doc.finish()
 
     return Config(
@@ -205,6 +227,8 @@ def parse_config(data: object) -> Config:
         service_token=service_token,
         log_level=log_level,
         janitor_interval=janitor_interval,
+        notifications_url=notifications_url,
+        notifications_durable=notifications_durable,
     )
 
 

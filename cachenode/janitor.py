@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cachenode.errors import CachenodeError
 from cachenode.fill import Fills
@@ -81,16 +82,32 @@ class Janitor:
 
 
 class Warmer:
-    """Fills images before anyone asks, with the service credentials."""
+    """Fills images before anyone asks, with the service credentials.
+
+    ``activated`` warms an image Glance has just published (its ``image.activate`` notification)
+    when the policy selects it, after a random delay of up to ``warm.jitter``: every node of a
+    region hears the same notice at once, and the jitter spreads their fills over the tiers.
+    ``uniform`` and ``sleep`` are injectable so tests need not wait.
+    """
 
     def __init__(
-        self, glance: GlanceClient, fills: Fills, local: Local, creds: Credentials, policy: Policy
+        self,
+        glance: GlanceClient,
+        fills: Fills,
+        local: Local,
+        creds: Credentials,
+        policy: Policy,
+        uniform: Callable[[float, float], float] = random.uniform,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.glance = glance
         self.fills = fills
         self.local = local
         self.creds = creds
         self.policy = policy
+        self.uniform = uniform
+        self.sleep = sleep
+        self._tasks: set[asyncio.Task[str]] = set()
 
     async def selected(
         self,
@@ -129,3 +146,26 @@ class Warmer:
             if await self.warm(image) == "filling" and (fill := self.fills.get(image.id)):
                 await fill.wait(lambda: False)  # one at a time: warming must not become a storm
         log.info("warm: %d images selected by policy %s", len(images), self.policy.name)
+
+    def activated(self, image_id: str) -> asyncio.Task[str] | None:
+        """Warm ``image_id`` (just activated) if the policy selects it; None when it has no
+        warm selector. The notice only names the image: Glance's own record is what is judged."""
+        if not self.policy.warm:
+            return None
+        task = asyncio.create_task(self._activated(image_id), name=f"warm-{image_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _activated(self, image_id: str) -> str:
+        await self.sleep(self.uniform(0.0, self.policy.warm_jitter))
+        try:
+            image = await self.glance.image(image_id, self.creds)
+        except CachenodeError as exc:
+            log.warning("warm on activate: %s: %s", image_id, exc)
+            return "error"
+        if not self.policy.warm.matches(image.id, image.tags, image.properties):
+            return "not selected"
+        outcome = await self.warm(image)
+        log.info("warm on activate: %s: %s", image_id, outcome)
+        return outcome

@@ -26,6 +26,15 @@ EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsis
 PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
                "no_tier", "tier_failed", "no_room", "store_error", "undecided",
                "repeated_credentials", "ambiguous_headers")  # fmt: skip
+# Glance's notifications (cachenode.notifications): every event counted, with the actions it can get
+NOTIFICATIONS = {
+    "image.delete": ("evict",),
+    "image.update": ("forget",),
+    **{f"image.member.{op}": ("forget",) for op in ("create", "update", "delete")},
+    "image.activate": ("warm", "ignore"),
+    "other": ("ignore",),
+    "malformed": ("ignore",),
+}
 
 
 class Metrics:
@@ -89,6 +98,23 @@ class Metrics:
         self.passthrough = Counter(
             p + "passthrough", "Downloads passed to Glance, by reason", ["reason"], registry=r
         )
+        self.notifications = Counter(
+            p + "notifications",
+            "Glance notifications received, by event and what was done",
+            ["event", "action"],
+            registry=r,
+        )
+        # Exported only by a sidecar with a listener (``listening``): no series means none is
+        # configured, so an alert on 0 never fires on a host that does not use notifications.
+        self.notifications_connected = Gauge(
+            p + "notifications_connected",
+            "1 while the notification listener is connected to the bus",
+            registry=None,
+        )
+
+    def listening(self) -> None:
+        """A notification listener is configured: export its state (0 until it connects)."""
+        self.registry.register(self.notifications_connected)
 
     def prime(self, tiers: list[str]) -> None:
         """Create every series this sidecar can produce, at 0 (see the module's docstring)."""
@@ -102,6 +128,9 @@ class Metrics:
             self.evictions.labels(reason)
         for reason in PASSTHROUGH:
             self.passthrough.labels(reason)
+        for event, actions in NOTIFICATIONS.items():
+            for action in actions:
+                self.notifications.labels(event, action)
         self.served_bytes.labels("l1")
         for tier in tiers:
             self.served_bytes.labels(tier)

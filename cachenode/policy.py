@@ -56,6 +56,7 @@ class Policy:
     pin: Selector = field(default_factory=Selector)
     warm: Selector = field(default_factory=Selector)
     warm_interval: float = 600.0
+    warm_jitter: float = 0.0  # an image.activate warms after a random delay of up to this
 
     def admits(self, size: int, disk_total: int) -> bool:
         """Whether an image of ``size`` bytes may be cached at all (``max_object_size``)."""
@@ -101,6 +102,9 @@ def parse_policy(data: object, name: str) -> Policy:
     interval = warm_section.take("interval", parse_duration, 600.0)
     if interval <= 0:
         raise ConfigError("warm.interval", "must be more than 0s")
+    jitter = warm_section.take("jitter", parse_duration, 0.0)
+    if not 0 <= jitter <= 3600:
+        raise ConfigError("warm.jitter", "must be between 0s and 1h")
     warm_section.finish()
     doc.finish()
     return Policy(
@@ -115,6 +119,7 @@ def parse_policy(data: object, name: str) -> Policy:
         pin=pin,
         warm=warm,
         warm_interval=interval,
+        warm_jitter=jitter,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -15,6 +16,7 @@ from cachenode.glance import Credentials, GlanceClient
 from cachenode.janitor import Janitor, Warmer
 from cachenode.local import Local
 from cachenode.metrics import Metrics
+from cachenode.notifications import Invalidator, Listener
 from cachenode.proxy import Pools, Proxy
 from cachenode.server import DataPlane, UnparsableRequests
 from cachenode.tiers import TierSet, build_tier
@@ -31,6 +33,7 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._pools: Pools | None = None
         self._janitor_task: asyncio.Task[None] | None = None
+        self.listener: Listener | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -46,14 +49,16 @@ class Sidecar:
         self.proxy = Proxy(cfg.glance_url, self._pools)
         service = Credentials.token(cfg.service_token.reveal()) if cfg.service_token else None
         warmer = Warmer(glance, self.fills, self.local, service, cfg.policy) if service else None
+        authz = Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error)
         plane = DataPlane(
-            authz=Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error),
+            authz=authz,
             glance=glance, local=self.local, fills=self.fills, proxy=self.proxy,
             metrics=self.metrics, service_creds=service,
         )  # fmt: skip
         await self.janitor.sweep()
         admin = Admin(self.metrics, self.local, self.fills, self.janitor, warmer, cfg.policy,
-                      cfg.admin_token, lambda: self.ready)  # fmt: skip
+                      cfg.admin_token, lambda: self.ready,
+                      self._listen_notifications(authz, warmer))  # fmt: skip
         await self._listen(admin.app(), cfg.admin_listen)
         await self._listen(plane.app(), cfg.listen)
         self._janitor_task = asyncio.create_task(self.janitor.run(warmer), name="janitor")
@@ -67,6 +72,21 @@ class Sidecar:
             cfg.policy.name,
         )
 
+    def _listen_notifications(
+        self, authz: Authorizer, warmer: Warmer | None
+    ) -> Callable[[], str] | None:
+        """Start the listener on Glance's notifications, if configured; its state for /readyz."""
+        if self.config.notifications_url is None:
+            return None
+        self.metrics.listening()
+        act = Invalidator(self.metrics, authz.forget, self.local.evict,
+                          warmer.activated if warmer else None)  # fmt: skip
+        self.listener = Listener(self.config.notifications_url.reveal(), act, self.metrics,
+                                 asyncio.get_running_loop(), authz.forget_all,
+                                 self.config.notifications_durable)  # fmt: skip
+        self.listener.start()
+        return self.listener.state
+
     async def _listen(self, app: web.Application, address: tuple[str, int]) -> None:
         # On SIGTERM, streams in flight get this long to finish before they are cut (the unit and
         # the DaemonSet allow 30 s in all).
@@ -79,6 +99,8 @@ class Sidecar:
         self.ready = False
         if self._janitor_task is not None:
             self._janitor_task.cancel()
+        if self.listener is not None:
+            await asyncio.to_thread(self.listener.stop)
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.fills.close()

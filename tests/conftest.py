@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.glance import TESTBED, Glance
+from tests.support.rabbit import Rabbit
 from tests.support.sidecar import Sidecar
 from tests.support.swift import Swift
 
@@ -58,6 +59,24 @@ def temp_url_key(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Path
     path.write_text(key + "\n")
     swift.set_temp_url_key(key)
     return path
+
+
+@pytest.fixture(scope="session")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
+    """A private RabbitMQ (Debian's rabbitmq-server), the bus Glance's notifications go on."""
+    bed = Rabbit(tmp_path_factory.mktemp("rabbit")).start()
+    yield bed
+    bed.stop()
+
+
+@pytest.fixture(scope="session")
+def glance_notifying(tmp_path_factory: pytest.TempPathFactory, rabbit: Rabbit) -> Iterator[Glance]:
+    """A real glance-api that publishes its notifications (messagingv2) on ``rabbit``."""
+    subprocess.run([str(TESTBED / "install.sh")], check=True)
+    env = {"GLANCE_TRANSPORT_URL": rabbit.transport_url}
+    bed = Glance(tmp_path_factory.mktemp("glance-notifying"), env=env).start()
+    yield bed
+    bed.stop()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ SPEC_METRICS = {
     "cachenode_cache_capacity_bytes": "gauge",
     "cachenode_disk_free_bytes": "gauge",
     "cachenode_passthrough": "counter",
+    "cachenode_notifications": "counter",  # notifications_connected: only with a listener
 }
 
 
@@ -54,8 +55,10 @@ def test_metrics_health_and_readiness(glance: Glance, sidecar: Sidecar) -> None:
     labels = {
         key for f in text_string_to_metric_families(text) for s in f.samples for key in s.labels
     }
-    assert labels <= {"status", "tier", "outcome", "kind", "reason", "le"}  # low cardinality only
+    low_cardinality = {"status", "tier", "outcome", "kind", "reason", "le", "event", "action"}
+    assert labels <= low_cardinality  # never an image id, a URL or a token
     assert image.id not in text and glance.url not in text
+    assert "cachenode_notifications_connected" not in text  # no listener configured: no series
 
     assert requests.get(sidecar.admin_url + "/healthz", timeout=5).status_code == 200
     assert requests.get(sidecar.admin_url + "/readyz", timeout=5).status_code == 200

@@ -44,6 +44,8 @@ SPEC_METRICS = [
     "cache_capacity_bytes",
     "disk_free_bytes",
     "passthrough_total",
+    "notifications_total",
+    "notifications_connected",
 ]
 
 
@@ -129,6 +131,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(
     glance: Glance, sidecar_factory, prometheus, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "admin.token").write_text("t")
+    (tmp_path / "transport.url").write_text("rabbit://u:p@127.0.0.1:9/")  # a bus never reached
     images = [glance.create_image(2 << 20) for _ in range(4)]
     with (
         Upstream(target=glance.url, faults=[Fault("flip", at=1000, times=1)]) as poisoned,
@@ -136,6 +139,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(
     ):
         sidecar = sidecar_factory(
             admin={"token_file": str(tmp_path / "admin.token")},
+            notifications={"transport_url_file": str(tmp_path / "transport.url")},
             tiers=[
                 {
                     "name": "dead",

@@ -10,6 +10,9 @@
 #   GLANCE_DB        sqlite file to use (default BASE/glance.sqlite): two glance-apis sharing one
 #                    database and one store are a central Glance and a regional one
 #   GLANCE_EXTRA_CONF  appended to glance-api.conf
+#   GLANCE_TRANSPORT_URL  rabbit://user:pass@host:port/ : publish notifications there (messagingv2,
+#                    exchange glance, routing key notifications.info); default: none sent.
+#                    retry = 1: with the bus down, Glance's API answers anyway (a lost notice).
 #
 # What the real service needs, found the hard way:
 # - Glance 33 has no standalone server any more: it runs as glance.wsgi.api:application in uWSGI.
@@ -73,6 +76,10 @@ lock_path = $BASE/locks
 $STORE_CONF
 ${GLANCE_EXTRA_CONF:-}
 CONF
+if [ -n "${GLANCE_TRANSPORT_URL:-}" ]; then
+  printf '\n[DEFAULT]\ntransport_url = %s\n\n[oslo_messaging_notifications]\ndriver = messagingv2\nretry = 1\n' \
+    "$GLANCE_TRANSPORT_URL" >> "$BASE/etc/glance-api.conf"
+fi
 
 cat > "$BASE/etc/glance-api-paste.ini" <<PASTE
 [composite:glance-api-$FLAVOR]

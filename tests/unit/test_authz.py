@@ -206,6 +206,9 @@ def test_forget_drops_every_decision_about_an_image(
     for creds, image in ((ALICE, IMAGE), (BOB, IMAGE), (ALICE, OTHER)):
         decide(authz, creds, image)
     assert glance.asked == 3 + 2  # only the other image's grant was left
+    authz.forget_all()  # the notification listener reconnected: nothing is known any more
+    decide(authz, ALICE, OTHER)
+    assert glance.asked == 3 + 2 + 1
 
 
 def test_the_memory_is_bounded_oldest_first(glance: Glance, metrics: Metrics, clock: Clock) -> None:

@@ -21,7 +21,8 @@ def check_config(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     for name in set(re.findall(r"/etc/cachenode/([\w./-]+)", text)):
         target = tmp_path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("secret\n")
+        url = name.endswith(".url")  # notifications.transport_url_file holds a URL
+        target.write_text("rabbit://cachenode:secret@bus:5672/\n" if url else "secret\n")
     config = tmp_path / "cachenode.yaml"
     config.write_text(text.replace("/etc/cachenode/", f"{tmp_path}/"))
     return subprocess.run(
@@ -61,6 +62,9 @@ def test_daemonset_wiring(tmp_path: Path) -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["cache"] == config["cache"]["dir"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    url_file = config["notifications"]["transport_url_file"]  # the bus's password: a secret
+    assert url_file.startswith(mounts["secrets"] + "/")
+    assert url_file.rsplit("/", 1)[1] in kinds["Secret"]["stringData"]
     result = check_config(kinds["ConfigMap"]["data"]["cachenode.yaml"], tmp_path)
     assert result.returncode == 0, result.stderr
 
