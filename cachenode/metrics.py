@@ -26,6 +26,7 @@ EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsis
 PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
                "no_tier", "tier_failed", "no_room", "store_error", "undecided",
                "repeated_credentials", "ambiguous_headers")  # fmt: skip
+RENEWALS = ("ok", "error")
 
 
 class Metrics:
@@ -89,6 +90,12 @@ class Metrics:
         self.passthrough = Counter(
             p + "passthrough", "Downloads passed to Glance, by reason", ["reason"], registry=r
         )
+        self.service_auth_renewals = Counter(
+            p + "service_auth_renewals",
+            "Tokens the sidecar asked of Keystone for itself, by outcome",
+            ["outcome"],
+            registry=r,
+        )
 
     def prime(self, tiers: list[str]) -> None:
         """Create every series this sidecar can produce, at 0 (see the module's docstring)."""
@@ -102,6 +109,8 @@ class Metrics:
             self.evictions.labels(reason)
         for reason in PASSTHROUGH:
             self.passthrough.labels(reason)
+        for outcome in RENEWALS:
+            self.service_auth_renewals.labels(outcome)
         self.served_bytes.labels("l1")
         for tier in tiers:
             self.served_bytes.labels(tier)

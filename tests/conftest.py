@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.glance import TESTBED, Glance
+from tests.support.keystone import KeystoneBed
 from tests.support.sidecar import Sidecar
 from tests.support.swift import Swift
 
@@ -58,6 +59,15 @@ def temp_url_key(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Path
     path.write_text(key + "\n")
     swift.set_temp_url_key(key)
     return path
+
+
+@pytest.fixture(scope="session")
+def keystone_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeystoneBed]:
+    """A real Keystone (60 s tokens) and a glance-api that checks tokens with keystonemiddleware."""
+    subprocess.run([str(TESTBED / "install.sh")], check=True)
+    bed = KeystoneBed(tmp_path_factory.mktemp("keystone")).start()
+    yield bed
+    bed.stop()
 
 
 @pytest.fixture
