@@ -2,7 +2,9 @@
    (source BASE/env.sh of keystone first)   python ks-setup.py IMAGE_URL
 Run with the glance venv's python (openstacksdk). Idempotent. Creates:
   project service: user glance (admin, service: keystonemiddleware's own user),
-                   user cachenode (service: the sidecar's own identity) + an application credential
+                   user cachenode (service, member, reader: the sidecar's own identity; member
+                   and reader so it may download the public and community images it warms)
+                   + an application credential
   project projA:   alice (member, reader), rita (reader only: may see, may not download)
   project projB:   bob (member, reader)
 Passwords: <user>pass. Prints the application credential as APP_CRED_ID=... APP_CRED_SECRET=..."""
@@ -30,7 +32,7 @@ projects = {
 }
 grants = {
     "glance": ("service", ["admin", "service"]),
-    "cachenode": ("service", ["service"]),
+    "cachenode": ("service", ["service", "member", "reader"]),
     "alice": ("projA", ["member", "reader"]),
     "rita": ("projA", ["reader"]),
     "bob": ("projB", ["member", "reader"]),
