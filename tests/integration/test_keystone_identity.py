@@ -5,6 +5,8 @@ untouched. Keystone's tokens live 60 s in this bed (tests/support/keystone.py)."
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,3 +128,26 @@ def test_the_callers_service_token_reaches_glance_untouched(
             if expected == 200:
                 assert via.content == image.data
                 assert via.headers["X-Cachenode-Status"] == status
+
+
+def test_cli_warm_by_tag_asks_glance_with_the_application_credential(
+    keystone_bed: KeystoneBed, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    bed = keystone_bed
+    (tmp_path / "admin.token").write_text("s3cret-admin\n")
+    sidecar: Sidecar = sidecar_factory(
+        glance_url=bed.glance.url,
+        admin={"token_file": str(tmp_path / "admin.token")},
+        service_auth=bed.service_auth_app_cred(tmp_path / "secrets"),
+    ).start()
+    tag = f"golden-{time.monotonic_ns()}"
+    # Public: Glance lists community images only to a query for visibility=community.
+    image = bed.glance.create_image(1 << 20, token=bed.token_of_admin(), visibility="public",
+                                    tags=[tag])  # fmt: skip
+    warmed = subprocess.run(
+        [sys.executable, "-m", "cachenode", "warm", "--tag", tag, "-c", str(sidecar.config_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert warmed.returncode == 0, warmed.stderr
+    sidecar.settle()
+    assert [b.name for b in sidecar.blobs()] == [image.id]
