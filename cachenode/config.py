@@ -64,6 +64,27 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class KeystoneAuth:
+    """``service_auth`` as keystoneauth1 options: the sidecar's own identity from Keystone.
+
+    Secrets come only from files (``password_file``, ``application_credential_secret_file``): a
+    config file is copied, templated and shown in reviews; a secret file has its own mode bits.
+    """
+
+    auth_url: str
+    auth_type: str  # "password" or "v3applicationcredential"
+    username: str | None = None
+    password: Secret | None = None
+    project_name: str | None = None
+    user_domain_name: str = "Default"
+    project_domain_name: str = "Default"
+    application_credential_id: str | None = None
+    application_credential_secret: Secret | None = None
+    region_name: str | None = None
+    interface: str = "internal"
+
+
+@dataclass(frozen=True)
 class Config:
     glance_url: str
     cache_dir: Path
@@ -76,6 +97,7 @@ class Config:
     admin_listen: tuple[str, int] = ("127.0.0.1", 9394)
     admin_token: Secret | None = None
     service_token: Secret | None = None
+    service_keystone: KeystoneAuth | None = None
     log_level: str = "info"
     janitor_interval: float = 30.0
     notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
@@ -158,6 +180,54 @@ def _boolean(value: object) -> bool:
     return value
 
 
+_AUTH_TYPES = ("password", "v3applicationcredential")
+_INLINE_SECRETS = {
+    "password": "password_file",
+    "application_credential_secret": "application_credential_secret_file",
+    "token": "token_file",
+}
+
+
+def _service_auth(s: v.Section) -> tuple[Secret | None, KeystoneAuth | None]:
+    """A static ``token_file`` (test beds) or keystoneauth1 options, never both."""
+    for inline, from_file in _INLINE_SECRETS.items():
+        if s.has(inline):
+            raise ConfigError(s.key(inline), f"secrets come only from files: use {from_file}")
+    token = s.take("token_file", _secret_file, None)
+    if not s.has("auth_url") and not s.has("auth_type"):
+        s.finish()
+        return token, None
+    if token is not None:
+        raise ConfigError(s.key("token_file"), "give either token_file or auth_url, not both")
+    auth_url = s.take("auth_url", v.http_url)
+    auth_type = s.take("auth_type", v.choice(*_AUTH_TYPES))
+    common = {
+        "region_name": s.take("region_name", v.string, None),
+        "interface": s.take("interface", v.choice("public", "internal", "admin"), "internal"),
+    }
+    if auth_type == "password":
+        auth = KeystoneAuth(
+            auth_url, auth_type,
+            username=s.take("username", v.string),
+            password=s.take("password_file", _secret_file),
+            project_name=s.take("project_name", v.string),
+            user_domain_name=s.take("user_domain_name", v.string, "Default"),
+            project_domain_name=s.take("project_domain_name", v.string, "Default"),
+            **common,
+        )  # fmt: skip
+    else:
+        auth = KeystoneAuth(
+            auth_url, auth_type,
+            application_credential_id=s.take("application_credential_id", v.string),
+            application_credential_secret=s.take(
+                "application_credential_secret_file", _secret_file
+            ),
+            **common,
+        )  # fmt: skip
+    s.finish()
+    return None, auth
+
+
 def parse_config(data: object) -> Config:
     doc = v.Section(data, "")
     listen = doc.take("listen", v.listen_address, ("127.0.0.1", 9393))
@@ -203,10 +273,7 @@ def parse_config(data: object) -> Config:
             "admin.listen", "must differ from listen (the admin plane never shares the data port)"
         )
 
-    service = doc.section("service_auth")
-    service_token = service.take("token_file", _secret_file, None)
-    service.finish()
-
+    service_token, service_keystone = _service_auth(doc.section("service_auth"))
     notifications = doc.section("notifications")
     notifications_url = notifications.take("transport_url_file", _transport_url_file, None)
     notifications_durable = notifications.take("durable_exchange", _boolean, False)
@@ -225,6 +292,7 @@ def parse_config(data: object) -> Config:
         admin_listen=admin_listen,
         admin_token=admin_token,
         service_token=service_token,
+        service_keystone=service_keystone,
         log_level=log_level,
         janitor_interval=janitor_interval,
         notifications_url=notifications_url,

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from cachenode.config import Config
+from cachenode.errors import ServiceAuthFailed
+from cachenode.identity import ServiceIdentity
 from cachenode.units import format_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -72,10 +74,13 @@ class AdminClient:
 
 def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> list[str]:
     """Active images with any of ``tags`` or ``key=value`` ``properties``, asked of Glance."""
-    if config.service_token is None:
-        raise CtlError(
-            "config error: service_auth.token_file: needed to ask Glance for tags", EXIT_USAGE
-        )
+    identity = ServiceIdentity.from_config(config)
+    if identity is None:
+        raise CtlError("config error: service_auth: needed to ask Glance for tags", EXIT_USAGE)
+    try:
+        token = identity.token_now()
+    except ServiceAuthFailed as exc:
+        raise CtlError(str(exc)) from None
     queries = [{"tag": t} for t in tags]
     for prop in properties:
         key, sep, value = prop.partition("=")
@@ -89,7 +94,7 @@ def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> 
         )
         while path:
             request = urllib.request.Request(
-                config.glance_url + path, headers={"X-Auth-Token": config.service_token.reveal()}
+                config.glance_url + path, headers={"X-Auth-Token": token}
             )
             try:
                 with urllib.request.urlopen(request, timeout=60) as resp:

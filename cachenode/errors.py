@@ -8,6 +8,7 @@ used, ``raise ... from exc``, into the most specific of these::
      ├── AdminError               an admin API call is wrong (its own 4xx status)
      ├── GlanceRefused            Glance refused the caller: relayed to it unchanged
      ├── GlanceUnavailable        glance.url could not answer (connect, timeout, 5xx)
+     │    └── ServiceAuthFailed   the sidecar has no valid token of its own (Keystone refused)
      ├── PassThroughFailed        a request passed to Glance got no usable answer (502)
      ├── BadRequest               a request the sidecar cannot pass on unchanged (400)
      ├── ProbeUndecided           the authorization probe got no answer that decides: pass through
@@ -81,6 +82,13 @@ class GlanceUnavailable(CachenodeError):
         self.status = status
         self.headers = dict(headers or {})
         self.body = body
+
+
+class ServiceAuthFailed(GlanceUnavailable):
+    """The sidecar's own identity could not get a token: Glance cannot be asked on its behalf."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
 
 
 class ProbeUndecided(CachenodeError):

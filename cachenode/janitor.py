@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from cachenode.errors import CachenodeError
 from cachenode.fill import Fills
-from cachenode.glance import Credentials, GlanceClient, ImageInfo
+from cachenode.glance import GlanceClient, ImageInfo
+from cachenode.identity import ServiceIdentity
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.policy import Policy, plan
@@ -95,7 +96,7 @@ class Warmer:
         glance: GlanceClient,
         fills: Fills,
         local: Local,
-        creds: Credentials,
+        identity: ServiceIdentity,
         policy: Policy,
         uniform: Callable[[float, float], float] = random.uniform,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -103,7 +104,7 @@ class Warmer:
         self.glance = glance
         self.fills = fills
         self.local = local
-        self.creds = creds
+        self.identity = identity
         self.policy = policy
         self.uniform = uniform
         self.sleep = sleep
@@ -117,12 +118,13 @@ class Warmer:
     ) -> list[ImageInfo]:
         """The active images named by id, or carrying one of ``tags`` or ``properties``."""
         found: dict[str, ImageInfo] = {}
+        creds = await self.identity.credentials()
         for image_id in ids:
-            image = await self.glance.image(image_id, self.creds)
+            image = await self.glance.image(image_id, creds)
             found[image.id] = image
         queries = [{"tag": t} for t in tags] + [{k: v} for k, v in properties]
         for query in queries:
-            for image in await self.glance.images(self.creds, {**query, "status": "active"}):
+            for image in await self.glance.images(creds, {**query, "status": "active"}):
                 found[image.id] = image
         return [i for i in found.values() if i.status == "active"]
 
@@ -134,7 +136,7 @@ class Warmer:
             return "not cacheable"
         if not self.policy.admits(image.size, (await self.local.usage()).disk_total):
             return "larger than max_object_size"
-        self.fills.start(image, self.creds)
+        self.fills.start(image, await self.identity.credentials())
         return "filling"
 
     async def warm_policy(self) -> None:
@@ -160,7 +162,7 @@ class Warmer:
     async def _activated(self, image_id: str) -> str:
         await self.sleep(self.uniform(0.0, self.policy.warm_jitter))
         try:
-            image = await self.glance.image(image_id, self.creds)
+            image = await self.glance.image(image_id, await self.identity.credentials())
         except CachenodeError as exc:
             log.warning("warm on activate: %s: %s", image_id, exc)
             return "error"

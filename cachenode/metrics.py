@@ -35,6 +35,7 @@ NOTIFICATIONS = {
     "other": ("ignore",),
     "malformed": ("ignore",),
 }
+RENEWALS = ("ok", "error")
 
 
 class Metrics:
@@ -111,6 +112,12 @@ class Metrics:
             "1 while the notification listener is connected to the bus",
             registry=None,
         )
+        self.service_auth_renewals = Counter(
+            p + "service_auth_renewals",
+            "Tokens the sidecar asked of Keystone for itself, by outcome",
+            ["outcome"],
+            registry=r,
+        )
 
     def listening(self) -> None:
         """A notification listener is configured: export its state (0 until it connects)."""
@@ -131,6 +138,8 @@ class Metrics:
         for event, actions in NOTIFICATIONS.items():
             for action in actions:
                 self.notifications.labels(event, action)
+        for outcome in RENEWALS:
+            self.service_auth_renewals.labels(outcome)
         self.served_bytes.labels("l1")
         for tier in tiers:
             self.served_bytes.labels(tier)

@@ -45,6 +45,7 @@ from cachenode.glance import (
     ImageInfo,
     is_image_id,
 )
+from cachenode.identity import ServiceIdentity
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.proxy import Proxy, expect_handler
@@ -69,7 +70,7 @@ class DataPlane:
     fills: Fills
     proxy: Proxy
     metrics: Metrics
-    service_creds: Credentials | None = None
+    service_identity: ServiceIdentity | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._access, self._correlate, self._errors])
@@ -295,10 +296,11 @@ class DataPlane:
         A 404 may only mean "not yours"; the service credentials tell which. Without them the
         entry stays (and is never served to a caller Glance refuses) until the policy evicts it.
         """
-        if self.service_creds is None:
+        if self.service_identity is None:
             return
         try:
-            image = await self.glance.image(image_id, self.service_creds)
+            creds = await self.service_identity.credentials()
+            image = await self.glance.image(image_id, creds)
         except GlanceRefused as exc:
             if exc.status != 404:
                 return

@@ -12,7 +12,8 @@ from cachenode.admin import Admin
 from cachenode.authz import Authorizer
 from cachenode.config import Config
 from cachenode.fill import Fills
-from cachenode.glance import Credentials, GlanceClient
+from cachenode.glance import GlanceClient
+from cachenode.identity import ServiceIdentity
 from cachenode.janitor import Janitor, Warmer
 from cachenode.local import Local
 from cachenode.metrics import Metrics
@@ -47,13 +48,13 @@ class Sidecar:
         self.janitor = Janitor(self.local, cfg.policy, self.metrics, cfg.janitor_interval)
         self.fills = Fills(self.local, self.tiers, self.metrics, make_room=self.janitor.make_room)
         self.proxy = Proxy(cfg.glance_url, self._pools)
-        service = Credentials.token(cfg.service_token.reveal()) if cfg.service_token else None
+        service = ServiceIdentity.from_config(cfg, self.metrics)
         warmer = Warmer(glance, self.fills, self.local, service, cfg.policy) if service else None
         authz = Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error)
         plane = DataPlane(
             authz=authz,
             glance=glance, local=self.local, fills=self.fills, proxy=self.proxy,
-            metrics=self.metrics, service_creds=service,
+            metrics=self.metrics, service_identity=service,
         )  # fmt: skip
         await self.janitor.sweep()
         admin = Admin(self.metrics, self.local, self.fills, self.janitor, warmer, cfg.policy,

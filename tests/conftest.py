@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.glance import TESTBED, Glance
+from tests.support.keystone import KeystoneBed
 from tests.support.rabbit import Rabbit
 from tests.support.sidecar import Sidecar
 from tests.support.swift import Swift
@@ -75,6 +76,15 @@ def glance_notifying(tmp_path_factory: pytest.TempPathFactory, rabbit: Rabbit) -
     subprocess.run([str(TESTBED / "install.sh")], check=True)
     env = {"GLANCE_TRANSPORT_URL": rabbit.transport_url}
     bed = Glance(tmp_path_factory.mktemp("glance-notifying"), env=env).start()
+    yield bed
+    bed.stop()
+
+
+@pytest.fixture(scope="session")
+def keystone_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeystoneBed]:
+    """A real Keystone (60 s tokens) and a glance-api that checks tokens with keystonemiddleware."""
+    subprocess.run([str(TESTBED / "install.sh")], check=True)
+    bed = KeystoneBed(tmp_path_factory.mktemp("keystone")).start()
     yield bed
     bed.stop()
 

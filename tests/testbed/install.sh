@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the real services the integration tests and the demo run against, into venvs of their
 # own (Glance's and Swift's pins must not meet cachenode's): glance-api 33 under uWSGI,
-# python-glanceclient and openstacksdk in one, Swift 2.38 in another. Idempotent: a second run
+# python-glanceclient and openstacksdk in one, Swift 2.38 in another, Keystone 30 (+ uWSGI) in a
+# third (its oslo pins differ from Glance's; keystonemiddleware is already in Glance's). Idempotent: a second run
 # with everything present returns at once. memcached (for Swift) comes from Debian: `.ci/run`
 # installs it.
 #
-#   tests/testbed/install.sh   -> $CACHENODE_TESTBED/{venv,swiftvenv}  (default ~/.cache/cachenode-testbed)
+#   tests/testbed/install.sh   -> $CACHENODE_TESTBED/{venv,swiftvenv,ksvenv}  (default ~/.cache/cachenode-testbed)
 #
 # uWSGI has no wheel on PyPI and compiles from its sdist (~25 s): it needs gcc and the Python headers.
 set -euo pipefail
@@ -14,8 +15,10 @@ TB="${CACHENODE_TESTBED:-$HOME/.cache/cachenode-testbed}"
 PY="${PYTHON:-python3}"
 V="$TB/venv"
 SV="$TB/swiftvenv"
+KV="$TB/ksvenv"
 stamp="$TB/.installed-$(cat "$HERE"/constraints-*.txt "$HERE/install.sh" | sha1sum | cut -c1-12)"
-if [ -f "$stamp" ] && [ -x "$V/bin/uwsgi" ] && [ -x "$SV/bin/swift-proxy-server" ]; then
+if [ -f "$stamp" ] && [ -x "$V/bin/uwsgi" ] && [ -x "$SV/bin/swift-proxy-server" ] \
+    && [ -x "$KV/bin/keystone-manage" ] && [ -x "$KV/bin/uwsgi" ]; then
   exit 0
 fi
 mkdir -p "$TB"
@@ -35,6 +38,12 @@ t0=$(date +%s)
     | grep -v '^WARNING: Location' || true
 [ -x "$SV/bin/swift-proxy-server" ]
 
+[ -x "$KV/bin/python" ] || "$PY" -m venv "$KV"
+"$KV/bin/pip" install -q -U pip 2>&1 | grep -v '^WARNING: Location' || true
+"$KV/bin/pip" install -q -c "$HERE/constraints-keystone.txt" keystone==30.0.0 uwsgi 2>&1 \
+    | grep -v '^WARNING: Location' || true
+[ -x "$KV/bin/keystone-manage" ] && [ -x "$KV/bin/uwsgi" ]
+
 rm -f "$TB"/.installed-*
 touch "$stamp"
-echo "testbed: glance and swift venvs ready in $(( $(date +%s) - t0 ))s in $TB"
+echo "testbed: glance, swift and keystone venvs ready in $(( $(date +%s) - t0 ))s in $TB"

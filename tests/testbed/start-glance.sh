@@ -6,6 +6,10 @@
 # Environment (all optional):
 #   GLANCE_PORT      port (default: a free one)
 #   GLANCE_FLAVOR    fakeauth+caching (default: Glance's image cache on, as a regional L2) | fakeauth
+#                    | keystone (keystonemiddleware; its [keystone_authtoken] in GLANCE_EXTRA_CONF,
+#                    written by start-keystone.sh as BASE/glance-authtoken.conf)
+#   GLANCE_SHOW_LOCATIONS  show_image_direct_url/show_multiple_locations (default True; a real
+#                    cloud hides them: the keystone bed says False)
 #   GLANCE_STORE_CONF  replaces the file store sections (the Swift test bed uses it)
 #   GLANCE_DB        sqlite file to use (default BASE/glance.sqlite): two glance-apis sharing one
 #                    database and one store are a central Glance and a regional one
@@ -48,8 +52,8 @@ filesystem_store_datadir = $BASE/data/images
 cat > "$BASE/etc/glance-api.conf" <<CONF
 [DEFAULT]
 log_file = $BASE/log/glance-api.log
-show_image_direct_url = True
-show_multiple_locations = True
+show_image_direct_url = ${GLANCE_SHOW_LOCATIONS:-True}
+show_multiple_locations = ${GLANCE_SHOW_LOCATIONS:-True}
 image_cache_dir = $BASE/data/cache
 image_cache_max_size = 10737418240
 worker_self_reference_url = http://127.0.0.1:$PORT
@@ -91,6 +95,7 @@ paste.composite_factory = glance.api:pipeline_factory
 fakeauth = versionnegotiation fakeauth context rootapp
 fakeauth+caching = versionnegotiation fakeauth context cache rootapp
 fakeauth+cachemanagement = versionnegotiation fakeauth context cache cachemanage rootapp
+keystone = versionnegotiation authtoken context rootapp
 
 [composite:rootapp]
 paste.composite_factory = glance.api:root_app_factory
@@ -109,6 +114,11 @@ paste.filter_factory = glance.api.middleware.version_negotiation:VersionNegotiat
 [filter:fakeauth]
 paste.filter_factory = fakeauth:filter_factory
 revoked_tokens_file = $BASE/revoked_tokens
+
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+# false: an invalid X-Service-Token is refused here (401), so tests see what reached Glance
+delay_auth_decision = false
 
 [filter:context]
 paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
