@@ -11,7 +11,8 @@ import pytest
 
 from cachenode.config import parse_config
 from cachenode.errors import ConfigError
-from cachenode.glance import ImageInfo
+from cachenode.glance import Credentials, ImageInfo
+from cachenode.identity import ServiceIdentity
 from cachenode.janitor import Warmer
 from cachenode.metrics import Metrics
 from cachenode.notifications import Invalidator, MalformedNotice, Notice, kombu_url, parse
@@ -138,7 +139,8 @@ def warmer(tags: tuple[str, ...], slept: list[float]) -> Recorder:
 
     image = ImageInfo(IMAGE, "active", 10, "c" * 32, None, None, tags=tags)
     policy = Policy("p", warm=Selector(tags=("golden",)), warm_jitter=20.0)
-    w = Recorder(FakeGlance(image), None, None, None, policy,  # type: ignore[arg-type]
+    identity = ServiceIdentity(static=Credentials.token("service"))
+    w = Recorder(FakeGlance(image), None, None, identity, policy,  # type: ignore[arg-type]
                  uniform=lambda lo, hi: hi * 0.25, sleep=sleep)  # fmt: skip
     w.warmed = []
     return w
