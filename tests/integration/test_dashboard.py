@@ -46,6 +46,7 @@ SPEC_METRICS = [
     "passthrough_total",
     "notifications_total",
     "notifications_connected",
+    "service_auth_renewals_total",
 ]
 
 
