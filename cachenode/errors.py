@@ -31,6 +31,7 @@ Both listeners map them to statuses with one table, ``http_status`` below.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 
 
 class CachenodeError(Exception):
@@ -208,3 +209,8 @@ def http_status(exc: CachenodeError) -> tuple[int, str]:
                 return int(carried or 500), str(exc) if isinstance(exc, AdminError) else message
             return status, message
     return 500, "cachenode failed"
+
+
+def error_body(status: int, message: str) -> dict[str, dict[str, object]]:
+    """The JSON body of every answer the sidecar gives instead of Glance, shaped like Glance's."""
+    return {"error": {"code": status, "title": HTTPStatus(status).phrase, "message": message}}

@@ -30,7 +30,6 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
@@ -39,7 +38,13 @@ from aiohttp import payload, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from cachenode.errors import BadRequest, CachenodeError, PassThroughFailed, http_status
+from cachenode.errors import (
+    BadRequest,
+    CachenodeError,
+    PassThroughFailed,
+    error_body,
+    http_status,
+)
 from cachenode.glance import HOP_BY_HOP
 
 log = logging.getLogger(__name__)
@@ -359,8 +364,7 @@ def _unreachable(request: web.Request, exc: BaseException) -> web.Response:
 def _error(request: web.Request, exc: CachenodeError) -> web.Response:
     """Our answer instead of Glance's, by the one table (``errors.http_status``)."""
     status, message = http_status(exc)
-    body = {"error": {"code": status, "title": HTTPStatus(status).phrase, "message": message}}
-    resp = web.json_response(body, status=status)
+    resp = web.json_response(error_body(status, message), status=status)
     _close_if_unread(request, resp)
     return resp
 

@@ -9,12 +9,10 @@ cut the connection.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import IO, Any, TypeVar
 
 from aiohttp import web
@@ -35,6 +33,7 @@ from cachenode.errors import (
     ProbeUndecided,
     StoreError,
     TierError,
+    error_body,
     http_status,
 )
 from cachenode.fill import Fill, Fills
@@ -93,7 +92,7 @@ class DataPlane:
         creds = Credentials.from_headers(request.headers)
         if not creds.well_formed:
             self.metrics.requests.labels("denied").inc()
-            return _error(401, "Unauthorized", "malformed credentials")
+            return _error(401, "malformed credentials")
         record = None
         if image_id not in self.local and self.fills.get(image_id) is None:
             # Likely a miss, which needs the image record: ask for it while Glance authorizes.
@@ -321,10 +320,7 @@ class DataPlane:
             # Glance answers a malformed range with 416 too.
             self.metrics.requests.labels("error").inc()
             return _error(
-                416,
-                "Requested Range Not Satisfiable",
-                "invalid or unsatisfiable Range",
-                {"Content-Range": f"bytes */{size}"},
+                416, "invalid or unsatisfiable Range", {"Content-Range": f"bytes */{size}"}
             )
 
     @staticmethod
@@ -446,16 +442,11 @@ def error_response(exc: CachenodeError) -> web.Response:
     if isinstance(exc, GlanceRefused | GlanceUnavailable) and exc.status is not None:
         return web.Response(status=exc.status, headers=exc.headers, body=exc.body)
     status, message = http_status(exc)
-    return _error(status, HTTPStatus(status).phrase, message)
+    return _error(status, message)
 
 
-def _error(
-    status: int, title: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    body = {"error": {"code": status, "title": title, "message": message}}
-    return web.Response(
-        status=status, text=json.dumps(body), content_type="application/json", headers=headers
-    )
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(status, message), status=status, headers=headers)
 
 
 async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: int) -> None:
