@@ -103,7 +103,7 @@ class Admin:
     async def warm(self, request: web.Request) -> web.Response:
         image_id = _image_id(request)
         if self.warmer is None:
-            raise AdminError(409, "warming needs service_auth.token_file in the config")
+            raise AdminError(409, "warming needs service_auth in the config")
         images = await self.warmer.selected(ids=(image_id,))
         if not images:
             raise AdminError(409, f"{image_id} is not active in Glance")

@@ -61,6 +61,9 @@ class TierConfig:
     temp_url_key_file: Path | None = None  # sign TempURLs with this account key ...
     token_file: Path | None = None  # ... or send this token (re-read when the file changes)
     temp_url_ttl: float = 300.0
+    # "api": when the caller's record shows no location, ask Glance's locations API with the
+    # sidecar's own identity (cachenode.locations); "record": the record's locations only
+    locations: str = "record"
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,14 @@ def _swift(s: v.Section, tier: TierConfig) -> TierConfig:
         segment(container)
     except ValueError as exc:
         raise ConfigError(s.key("container"), f"not a container name: {exc}") from None
+    locations = s.take("locations", v.choice("record", "api"), "record")
     return replace(
-        tier, container=container, temp_url_key_file=key, token_file=token, temp_url_ttl=ttl
+        tier,
+        container=container,
+        temp_url_key_file=key,
+        token_file=token,
+        temp_url_ttl=ttl,
+        locations=locations,
     )
 
 
@@ -274,6 +283,11 @@ def parse_config(data: object) -> Config:
         )
 
     service_token, service_keystone = _service_auth(doc.section("service_auth"))
+    for i, tier in enumerate(tiers):
+        if tier.locations == "api" and service_token is None and service_keystone is None:
+            raise ConfigError(
+                f"tiers[{i}].locations", "api needs service_auth (the identity that asks Glance)"
+            )
     notifications = doc.section("notifications")
     notifications_url = notifications.take("transport_url_file", _transport_url_file, None)
     notifications_durable = notifications.take("durable_exchange", _boolean, False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from collections import OrderedDict
@@ -117,6 +118,28 @@ class Credentials:
         cannot be passed on to Glance unchanged by this HTTP stack, so such credentials are
         refused here rather than forwarded altered."""
         return all(value.isascii() for _, value in self.headers)
+
+
+# An image has a handful of locations; a body longer than this is not Glance's answer.
+LOCATIONS_BODY_LIMIT = 64 * 1024
+
+
+def parse_locations(body: bytes) -> tuple[str, ...]:
+    """The URLs of a locations answer (``[{"url": ..., "metadata": {...}}, ...]``), in Glance's
+    order, repeats dropped. ValueError (why, never the body: a URL may hold credentials) for
+    anything else."""
+    if len(body) > LOCATIONS_BODY_LIMIT:
+        raise ValueError("longer than any list of locations")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not JSON") from None
+    if not isinstance(doc, list) or not all(isinstance(loc, dict) for loc in doc):
+        raise ValueError("not a list of locations")
+    urls = [loc.get("url") for loc in doc]
+    if not all(isinstance(url, str) and url for url in urls):
+        raise ValueError("a location without a URL")
+    return tuple(dict.fromkeys(urls))
 
 
 @dataclass(frozen=True)
@@ -327,6 +350,30 @@ class GlanceClient:
             self._learn(image)
         return found
 
+    async def locations(self, image_id: str, creds: Credentials) -> tuple[str, ...]:
+        """Where Glance keeps the image's data (``GET /v2/images/ID/locations``, Glance's API for
+        services: it wants the service role, and an identity that can see the image).
+
+        Only a 200 whose body ``parse_locations`` accepts is an answer; a refusal is
+        GlanceRefused, anything else (a redirect, 5xx, an unreadable or oversized body, no
+        answer) GlanceUnavailable.
+        """
+        url = f"{self.url}/v2/images/{image_id}/locations"
+        headers = creds.header_map()
+        headers["Accept-Encoding"] = "identity"
+        try:
+            async with self.session.get(
+                url, headers=headers, timeout=self.timeout, allow_redirects=False
+            ) as resp:
+                body = await _read_at_most(resp, LOCATIONS_BODY_LIMIT + 1)
+                if resp.status != 200:
+                    raise self._refusal(resp, body)
+                return parse_locations(body)
+        except ValueError as exc:
+            raise GlanceUnavailable(f"glance sent unreadable locations: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise GlanceUnavailable(f"glance at {self.url}: {type(exc).__name__}") from exc
+
     @staticmethod
     def _refusal(resp: aiohttp.ClientResponse, body: bytes) -> Exception:
         if 300 <= resp.status < 400:
@@ -338,6 +385,16 @@ class GlanceClient:
                 f"glance answered {resp.status}", resp.status, relay_headers(resp.headers), body
             )
         return GlanceRefused(resp.status, relay_headers(resp.headers), body)
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes when it is longer (the connection then closed)."""
+    body = bytearray()
+    while len(body) < limit and (piece := await resp.content.read(limit - len(body))):
+        body += piece
+    if len(body) >= limit:
+        resp.close()
+    return bytes(body)
 
 
 async def _small_body(resp: aiohttp.ClientResponse) -> bytes | None:

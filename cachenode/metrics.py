@@ -36,6 +36,7 @@ NOTIFICATIONS = {
     "malformed": ("ignore",),
 }
 RENEWALS = ("ok", "error")
+LOCATIONS = ("answered", "refused", "failed")  # Glance's locations API (cachenode.locations)
 
 
 class Metrics:
@@ -119,6 +120,13 @@ class Metrics:
             registry=r,
         )
 
+        self.locations_lookups = Counter(
+            p + "locations_lookups",
+            "Calls to Glance's locations API (a swift tier's locations: api), by outcome",
+            ["outcome"],
+            registry=r,
+        )
+
     def listening(self) -> None:
         """A notification listener is configured: export its state (0 until it connects)."""
         self.registry.register(self.notifications_connected)
@@ -140,6 +148,8 @@ class Metrics:
                 self.notifications.labels(event, action)
         for outcome in RENEWALS:
             self.service_auth_renewals.labels(outcome)
+        for outcome in LOCATIONS:
+            self.locations_lookups.labels(outcome)
         self.served_bytes.labels("l1")
         for tier in tiers:
             self.served_bytes.labels(tier)

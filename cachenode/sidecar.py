@@ -16,6 +16,7 @@ from cachenode.glance import GlanceClient
 from cachenode.identity import ServiceIdentity
 from cachenode.janitor import Janitor, Warmer
 from cachenode.local import Local
+from cachenode.locations import Locator
 from cachenode.metrics import Metrics
 from cachenode.notifications import Invalidator, Listener
 from cachenode.proxy import Pools, Proxy
@@ -35,6 +36,7 @@ class Sidecar:
         self._pools: Pools | None = None
         self._janitor_task: asyncio.Task[None] | None = None
         self.listener: Listener | None = None
+        self.locator: Locator | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -43,12 +45,14 @@ class Sidecar:
         # One pool for calls of one round trip, one for image data (see Pools).
         self._pools = Pools.open(cfg.glance_timeout)
         glance = GlanceClient(self._pools.short, cfg.glance_url, cfg.glance_timeout)
-        self.tiers = TierSet([build_tier(t) for t in cfg.tiers], self.metrics)
+        service = ServiceIdentity.from_config(cfg, self.metrics)
+        # Only a swift tier with ``locations: api`` asks (config checks that service_auth is set).
+        self.locator = Locator(glance, service, self.metrics) if service else None
+        self.tiers = TierSet([build_tier(t, self.locator) for t in cfg.tiers], self.metrics)
         self.metrics.prime([t.name for t in cfg.tiers])
         self.janitor = Janitor(self.local, cfg.policy, self.metrics, cfg.janitor_interval)
         self.fills = Fills(self.local, self.tiers, self.metrics, make_room=self.janitor.make_room)
         self.proxy = Proxy(cfg.glance_url, self._pools)
-        service = ServiceIdentity.from_config(cfg, self.metrics)
         warmer = Warmer(glance, self.fills, self.local, service, cfg.policy) if service else None
         authz = Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error)
         plane = DataPlane(
@@ -80,13 +84,23 @@ class Sidecar:
         if self.config.notifications_url is None:
             return None
         self.metrics.listening()
-        act = Invalidator(self.metrics, authz.forget, self.local.evict,
+        act = Invalidator(self.metrics, self._forget(authz), self.local.evict,
                           warmer.activated if warmer else None)  # fmt: skip
         self.listener = Listener(self.config.notifications_url.reveal(), act, self.metrics,
                                  asyncio.get_running_loop(), authz.forget_all,
                                  self.config.notifications_durable)  # fmt: skip
         self.listener.start()
         return self.listener.state
+
+    def _forget(self, authz: Authorizer) -> Callable[[str], None]:
+        """What a changed image drops: remembered decisions, and where Glance said it lives."""
+
+        def forget(image_id: str) -> None:
+            authz.forget(image_id)
+            if self.locator is not None:
+                self.locator.forget(image_id)
+
+        return forget
 
     async def _listen(self, app: web.Application, address: tuple[str, int]) -> None:
         # On SIGTERM, streams in flight get this long to finish before they are cut (the unit and

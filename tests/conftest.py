@@ -53,6 +53,17 @@ def glance_swift(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Iter
 
 
 @pytest.fixture(scope="session")
+def glance_swift_hidden(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Iterator[Glance]:
+    """A glance-api on ``swift`` as clouds run one: locations hidden from users
+    (show_image_direct_url and show_multiple_locations False), and images spread over
+    containers ``glance_<first 3 characters of the id>`` (swift_store_multiple_containers_seed)."""
+    env = {"GLANCE_SHOW_LOCATIONS": "False", "GLANCE_SWIFT_CONTAINERS_SEED": "3"}
+    bed = Glance(tmp_path_factory.mktemp("glance-swift-hidden"), env=env).start(swift.base)
+    yield bed
+    bed.stop()
+
+
+@pytest.fixture(scope="session")
 def temp_url_key(tmp_path_factory: pytest.TempPathFactory, swift: Swift) -> Path:
     """A file with the glance account's TempURL key, the key set on the account."""
     path = tmp_path_factory.mktemp("keys") / "tempurl.key"

@@ -11,12 +11,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cachenode.config import TierConfig
 from cachenode.errors import TierError, TierNotFound
 from cachenode.glance import Credentials, ImageInfo
 from cachenode.metrics import Metrics
+
+if TYPE_CHECKING:
+    from cachenode.tiers.swift import Locations
 
 
 class Body(Protocol):
@@ -97,14 +100,14 @@ class TierSet:
             await tier.close()
 
 
-def build_tier(config: TierConfig) -> Tier:
+def build_tier(config: TierConfig, locator: Locations | None = None) -> Tier:
+    """The tier ``config`` describes; ``locator`` answers where Glance keeps an image, for a
+    swift tier with ``locations: api``."""
     from cachenode.tiers.glance import GlanceTier
     from cachenode.tiers.http import HttpTier
     from cachenode.tiers.swift import SwiftTier
 
-    kinds: dict[str, Callable[[TierConfig], Tier]] = {
-        "glance": GlanceTier,
-        "http": HttpTier,
-        "swift": SwiftTier,
-    }
+    if config.kind == "swift":
+        return SwiftTier(config, locator)
+    kinds: dict[str, Callable[[TierConfig], Tier]] = {"glance": GlanceTier, "http": HttpTier}
     return kinds[config.kind](config)

@@ -16,5 +16,7 @@ class GlanceTier(HttpSource):
     ranged = False
     credentialed = True
 
-    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
+    async def locate(
+        self, image: ImageInfo, creds: Credentials | None
+    ) -> tuple[str, dict[str, str]]:
         return f"{self.config.url}/v2/images/{image.id}/file", dict(creds.headers) if creds else {}

@@ -115,7 +115,9 @@ class HttpSource:
         if self._session is not None:
             await self._session.close()
 
-    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
+    async def locate(
+        self, image: ImageInfo, creds: Credentials | None
+    ) -> tuple[str, dict[str, str]]:
         """The image's URL and the headers that authenticate the request, for this kind."""
         raise NotImplementedError
 
@@ -131,7 +133,7 @@ class HttpSource:
         """Bytes [start, end) of the image (the Tier contract). A resume (``start`` > 0, not
         ``exact``) that the server refuses as a Range is read from 0 instead: the fill skips
         what it has, which beats giving up on the tier."""
-        url, headers = self.locate(image, creds)
+        url, headers = await self.locate(image, creds)
         async with AsyncExitStack() as stack:
             try:
                 body = await stack.enter_async_context(self.get(url, headers, start, end, exact))
@@ -197,7 +199,9 @@ class HttpSource:
 class HttpTier(HttpSource):
     """``url`` with ``{image_id}`` in it, or a base to which ``/<image id>`` is appended."""
 
-    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
+    async def locate(
+        self, image: ImageInfo, creds: Credentials | None
+    ) -> tuple[str, dict[str, str]]:
         if "{image_id}" in self.config.url:
             return self.config.url.replace("{image_id}", image.id), {}
         return f"{self.config.url}/{image.id}", {}

@@ -1,9 +1,11 @@
 """Tier kind ``swift``: the object store Glance keeps the image in, read directly.
 
 The object is the one named by the first Swift location of Glance's record (``locations``, then
-``direct_url``), read under the configured account URL and nowhere else; a record that names no
-Swift location (Glance shows locations to the image's owner only) is read as glance_store's
-single-tenant driver lays it out, ``<container>/<image id>``. Images Glance wrote as segments are
+``direct_url``), read under the configured account URL and nowhere else. Clouds hide locations
+from users; with ``locations: api`` the tier then asks Glance's locations API with the sidecar's
+own identity (``cachenode.locations``). A record that names no Swift location, and no answer
+from that API, is read as glance_store's single-tenant driver lays it out,
+``<container>/<image id>``. Images Glance wrote as segments are
 read through their manifest like any object (its ETag is not the image's md5; the fill checks
 os_hash_value).
 
@@ -42,13 +44,16 @@ import hmac
 import os
 import time
 import unicodedata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from cachenode.config import TierConfig
-from cachenode.errors import BadLocation, TierUnavailable
+from cachenode.errors import BadLocation, TierNotFound, TierUnavailable
 from cachenode.glance import Credentials, ImageInfo
-from cachenode.tiers.http import HttpSource
+from cachenode.tiers.http import HttpBody, HttpSource
 
 _SCHEMES = ("swift", "swift+http", "swift+https", "swift+config")
 _DEFAULT_PORTS = {"swift": 443, "swift+https": 443, "swift+http": 80, "https": 443, "http": 80}
@@ -118,6 +123,14 @@ def _split(url: str) -> tuple[SplitResult, int | None]:
     return parts, _DEFAULT_PORTS.get(parts.scheme) if port is None else port
 
 
+class Locations(Protocol):
+    """Glance's locations API for one image (``cachenode.locations.Locator``)."""
+
+    async def locations(self, image_id: str) -> tuple[str, ...]: ...
+
+    def forget(self, image_id: str) -> None: ...
+
+
 class FileSecret:
     """A credential kept in a file, read again whenever the file changes."""
 
@@ -141,18 +154,48 @@ class FileSecret:
 class SwiftTier(HttpSource):
     credentialed = True
 
-    def __init__(self, config: TierConfig) -> None:
+    def __init__(self, config: TierConfig, locator: Locations | None = None) -> None:
         super().__init__(config)
         self._key = FileSecret(config.temp_url_key_file) if config.temp_url_key_file else None
         self._token = FileSecret(config.token_file) if config.token_file else None
+        self.locator = locator if config.locations == "api" else None
 
-    def object_of(self, image: ImageInfo) -> tuple[str, str]:
-        """(container, object) to read for ``image``; ValueError (why) when there is none."""
-        for location in image.locations:
+    def object_of(
+        self, image: ImageInfo, locations: tuple[str, ...] | None = None
+    ) -> tuple[str, str]:
+        """(container, object) to read for ``image``, from ``locations`` (the record's when
+        None); ValueError (why) when there is none."""
+        for location in image.locations if locations is None else locations:
             named = object_in(location, self.config.url)
             if named is not None:
                 return named  # the first Swift location only: the one Glance reads first
         return segment(self.config.container), segment(image.id)
+
+    async def locations_of(self, image: ImageInfo) -> tuple[str, ...]:
+        """The record's locations; when it shows none, what Glance's locations API says (with
+        ``locations: api``)."""
+        if image.locations or self.locator is None:
+            return image.locations
+        return await self.locator.locations(image.id)
+
+    @asynccontextmanager
+    async def open(
+        self,
+        image: ImageInfo,
+        creds: Credentials | None,
+        start: int = 0,
+        end: int | None = None,
+        exact: bool = False,
+    ) -> AsyncIterator[HttpBody]:
+        """As ``HttpSource.open``; no object where the locations API said forgets its answer,
+        so the next fill asks again (an image moved between containers or stores)."""
+        try:
+            async with super().open(image, creds, start, end, exact) as body:
+                yield body
+        except TierNotFound:
+            if self.locator is not None:
+                self.locator.forget(image.id)
+            raise
 
     def signed(self, container: str, obj: str, now: float | None = None) -> str:
         """The object's URL, with a TempURL signature when the tier has a key."""
@@ -167,9 +210,11 @@ class SwiftTier(HttpSource):
         signature = hmac.new(self._key.value().encode(), message, hashlib.sha256).hexdigest()
         return f"{url}?temp_url_sig={signature}&temp_url_expires={expires}"
 
-    def locate(self, image: ImageInfo, creds: Credentials | None) -> tuple[str, dict[str, str]]:
+    async def locate(
+        self, image: ImageInfo, creds: Credentials | None
+    ) -> tuple[str, dict[str, str]]:
         try:
-            container, obj = self.object_of(image)
+            container, obj = self.object_of(image, await self.locations_of(image))
         except ValueError as exc:
             raise BadLocation(self.name, f"location refused: {exc}") from None
         try:

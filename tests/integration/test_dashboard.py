@@ -47,6 +47,7 @@ SPEC_METRICS = [
     "notifications_total",
     "notifications_connected",
     "service_auth_renewals_total",
+    "locations_lookups_total",
 ]
 
 

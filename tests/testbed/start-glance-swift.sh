@@ -7,6 +7,8 @@
 #
 # GLANCE_SWIFT_LARGE_OBJECT_MB: images at least this large are written as segments plus a
 # manifest (default 5120 as in glance_store; the tests lower it to exercise manifests).
+# GLANCE_SWIFT_CONTAINERS_SEED: glance_store's swift_store_multiple_containers_seed (default 0:
+# one container); with N, an image lives in container "glance_<first N characters of its id>".
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 GBASE="$(realpath -m "${1:?usage: start-glance-swift.sh GLANCE_BASE SWIFT_BASE}")"
@@ -37,5 +39,6 @@ swift_store_container = glance
 swift_store_create_container_on_put = True
 swift_store_large_object_size = ${GLANCE_SWIFT_LARGE_OBJECT_MB:-5120}
 swift_store_large_object_chunk_size = ${GLANCE_SWIFT_CHUNK_MB:-200}
+swift_store_multiple_containers_seed = ${GLANCE_SWIFT_CONTAINERS_SEED:-0}
 "
 exec "$HERE/start-glance.sh" "$GBASE"

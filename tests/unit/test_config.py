@@ -204,6 +204,23 @@ def test_swift_tiers(tmp_path: Path) -> None:
     assert "tiers[0].parallel: a glance tier is read whole" in error_of(config(tiers=[glance]))
 
 
+def test_the_locations_api_is_opt_in_and_needs_the_service_identity(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_text("k\n")
+    swift = {"name": "o", "kind": "swift", "url": "http://swift:8080/v1/AUTH_glance",
+             "temp_url_key_file": str(key)}  # fmt: skip
+    assert parse_config(config(tiers=[swift])).tiers[0].locations == "record"
+    api = {**swift, "locations": "api"}
+    assert "tiers[0].locations: api needs service_auth" in error_of(config(tiers=[api]))
+    cfg = parse_config(config(tiers=[api], service_auth={"token_file": str(key)}))
+    assert cfg.tiers[0].locations == "api"
+    assert "tiers[0].locations: must be one of record, api" in error_of(
+        config(tiers=[{**swift, "locations": "always"}])
+    )
+    http = {"name": "m", "kind": "http", "url": "http://m", "locations": "api"}
+    assert "tiers[0].locations: unknown key" in error_of(config(tiers=[http]))
+
+
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "a%2fb", "a\\b", "a\nb"])
 def test_a_swift_container_is_one_plain_segment(tmp_path: Path, name: str) -> None:
     key = tmp_path / "tempurl.key"

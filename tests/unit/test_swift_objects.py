@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from pathlib import Path
@@ -103,7 +104,9 @@ def test_hostile_locations_are_refused_never_followed(tier: SwiftTier, location:
     assert "k3y" not in str(refused.value) and "evil" not in str(refused.value)
     # The tier has nothing for such an image: no fallback to <container>/<id> either.
     with pytest.raises(BadLocation) as exc:
-        tier.locate(image("file:///x", location, f"swift+config://ref1/glance/{ID}"), None)
+        asyncio.run(
+            tier.locate(image("file:///x", location, f"swift+config://ref1/glance/{ID}"), None)
+        )
     assert isinstance(exc.value, TierNotFound) and exc.value.kind == "bad_location"
     assert "k3y" not in str(exc.value) and location not in str(exc.value)
 
@@ -116,10 +119,10 @@ def test_the_fallback_layout_is_checked_too(tmp_path: Path) -> None:
             TierConfig("s", "swift", ACCOUNT, container=container, temp_url_key_file=key)
         )
         with pytest.raises(BadLocation):
-            bad.locate(image(), None)
+            asyncio.run(bad.locate(image(), None))
     good = SwiftTier(TierConfig("s", "swift", ACCOUNT, container="glance", temp_url_key_file=key))
     with pytest.raises(BadLocation):
-        good.locate(image(image_id=".."), None)
+        asyncio.run(good.locate(image(image_id=".."), None))
 
 
 def test_the_object_glance_names_is_read_else_the_single_tenant_layout(tier: SwiftTier) -> None:
