@@ -13,6 +13,10 @@ skipped for that image for a while.
     RUNNING --all bytes, hash ok (verified: readers may send the last byte)--> COMMITTED
        |--tiers exhausted / disk error / bad hash--> FAILED
 
+A fill survives a restart: the spans it wrote are recorded in a journal next to its partial file
+(``cachenode.journal``), and the next fill of the same image (same size and hash) resumes from them,
+fetching only what is missing; the whole image is still hashed and verified before commit.
+
 Readers get the last byte as soon as the hash matched, before the fsync and rename that make the
 entry durable: durability is for the next caller, the bytes are already proven. A disk that then
 fails the commit costs the cache an entry, not the caller its download.
@@ -30,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import IO
 
-from cachenode import crash
+from cachenode import crash, journal
 from cachenode.catalog import Entry
 from cachenode.errors import (
     CachenodeError,
@@ -45,6 +49,7 @@ from cachenode.glance import Credentials, ImageInfo
 from cachenode.local import Local, Partial, finish
 from cachenode.metrics import Metrics
 from cachenode.sink import Sink
+from cachenode.spans import Spans
 from cachenode.tiers import Tier, TierSet
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class Fill:
         self.size = size
         self.verifier = verifier
         self.landed = 0
+        self.resumed = 0  # bytes taken from a previous run's partial file
         self.verified = False
         self.state = State.RUNNING
         self.error: CachenodeError | None = None
@@ -248,9 +254,12 @@ class Fills:
         started = time.monotonic()
         part: Partial | None = None
         try:
-            if self.make_room is not None and not await self.make_room(fill.size):
+            kept = await self.local.take_partial(fill.image.id, fill.size, fill.verifier)
+            part = Partial(fill.image.id, kept)  # from here on, discarded with the fill
+            # A kept partial's bytes are on disk already (fallocated), counted until now.
+            needed = fill.size if kept is None else 0
+            if self.make_room is not None and not await self.make_room(needed):
                 raise NoRoom(f"no room for {fill.size} bytes within the policy")
-            part = Partial(fill.image.id)
             await finish(self.local.create_partial(part, fill.size))
             fill.attach(part.take_reader())
             await self._download(fill, part, creds)
@@ -289,7 +298,8 @@ class Fills:
                 self.excluded(fill.image.id) | frozenset(exc.tiers),
                 self.clock() + self.quarantine,
             )
-            log.error("%s; not committed, tiers %s skipped for it", exc, ",".join(exc.tiers))
+            log.error("%s; not committed, tiers %s skipped for it", exc,
+                      ",".join(exc.tiers) or "(none)")  # fmt: skip
             return exc
         if isinstance(exc, StoreError):
             log.warning("fill of %s stopped by the local disk: %s", fill.image.id, exc)
@@ -321,14 +331,26 @@ class Fills:
         The sink's threads are stopped (their last write done) before this returns, whatever
         happened: the descriptor they write to is closed right after.
         """
-        assert part.fd is not None
-        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance)
+        assert part.fd is not None and part.journal_fd is not None
+        header = journal.Record(fill.image.id, fill.size, *fill.verifier)
+        recorder = journal.Recorder(part.journal_fd, part.fd, header,
+                                    part.kept.seq + 1 if part.kept else 0)  # fmt: skip
+        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance,
+                    recorder.written)  # fmt: skip
+        have = Spans(part.kept.record.spans if part.kept else ())
+        if have:
+            fill.resumed = have.total
+            self.metrics.resumed_bytes.inc(have.total)
+            log.info("resuming the fill of %s with %d bytes of a previous run",
+                     fill.image.id, have.total)  # fmt: skip
+            sink.resume(have)  # readers get the prefix at once; the hash reads it from disk
         fetch = Fetch(fill.image, fill.size, sink, self.tiers, self.candidates(fill.image.id),
-                      creds, self.metrics, fill.provenance)  # fmt: skip
+                      creds, self.metrics, fill.provenance, have)  # fmt: skip
         try:
             await fetch.run()
         finally:
             await finish(sink.aclose())
+            await finish(recorder.aclose())
         self._verify(fill, sink.hexdigest())
         fill.verified = True
         fill._notify()
@@ -337,11 +359,13 @@ class Fills:
     def _verify(fill: Fill, digest: str) -> None:
         algo, expected = fill.verifier
         if digest != expected:
-            raise IntegrityError(
-                fill.image.id,
-                f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}...",
-                tuple(fill.provenance.tiers),
-            )
+            # Bytes of a previous run may be what is wrong (a disk, a hand): no tier is blamed
+            # then. The partial goes with this fill, so the next one tells a bad tier for sure.
+            detail = f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}..."
+            if fill.resumed:
+                detail += f" (resumed with {fill.resumed} bytes of a previous run)"
+            blamed = () if fill.resumed else tuple(fill.provenance.tiers)
+            raise IntegrityError(fill.image.id, detail, blamed)
 
     @staticmethod
     def _entry(fill: Fill) -> Entry:

@@ -13,14 +13,16 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
+from cachenode import journal
 from cachenode.errors import CachenodeError
 from cachenode.fill import Fills
 from cachenode.glance import GlanceClient, ImageInfo
 from cachenode.identity import ServiceIdentity
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.policy import Policy, plan
+from cachenode.policy import Plan, Policy, Usage, plan
 from cachenode.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,26 @@ class Janitor:
 
     async def sweep(self, needed: int = 0) -> bool:
         async with self._lock:
-            usage = await self.local.usage()
-            entries = await self.local.entries()
-            result = plan(
-                entries, self.policy, usage, self.clock(), needed, await self.local.pins()
-            )
+            # Partials a previous run left (cachenode.journal) count as cache bytes, last a day
+            # at most, and go before any entry would be evicted for room.
+            await self.local.drop_partials(older_than=self.clock() - journal.KEEP_FOR)
+            result, usage = await self._plan(needed)
+            if self.local.kept and (not result.fits or _for_room(result)):
+                await self.local.drop_partials()
+                result, usage = await self._plan(needed)
             for eviction in result.evictions:
                 await self.local.evict(eviction.image_id, eviction.reason)
             self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
             if result.evictions:
                 await self.local.usage()  # refresh disk_free_bytes
             return result.fits
+
+    async def _plan(self, needed: int) -> tuple[Plan, Usage]:
+        usage = await self.local.usage()
+        usage = replace(usage, cache_bytes=usage.cache_bytes + self.local.kept_bytes)
+        entries = await self.local.entries()
+        pins = await self.local.pins()
+        return plan(entries, self.policy, usage, self.clock(), needed, pins), usage
 
     async def run(self, warmer: Warmer | None) -> None:
         """Sweep every ``interval``, warm every ``warm_interval``, until cancelled."""
@@ -80,6 +91,11 @@ class Janitor:
             except CachenodeError as exc:
                 log.warning("janitor: %s", exc)
             await asyncio.sleep(self.interval)
+
+
+def _for_room(result: Plan) -> bool:
+    """Whether a plan evicts entries for room (not only idle ones)."""
+    return any(e.reason != "idle" for e in result.evictions)
 
 
 class Warmer:
