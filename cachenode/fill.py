@@ -212,6 +212,7 @@ class Fills:
         self.quarantine = quarantine
         self.clock = clock
         self._running: dict[str, Fill] = {}
+        self._closing = False  # shutting down: fills cancelled now keep their partial to resume
         self._bad_tiers: dict[str, tuple[frozenset[str], float]] = {}
 
     def get(self, image_id: str) -> Fill | None:
@@ -253,6 +254,7 @@ class Fills:
         """Reserve, download, verify, commit; one cleanup whatever happened (even a cancel)."""
         started = time.monotonic()
         part: Partial | None = None
+        shutdown = False
         try:
             kept = await self.local.take_partial(fill.image.id, fill.size, fill.verifier)
             part = Partial(fill.image.id, kept)  # from here on, discarded with the fill
@@ -270,9 +272,12 @@ class Fills:
         except BaseException as exc:
             fill.error = self._failed(fill, exc)
             if not isinstance(exc, Exception):
+                shutdown = self._closing and fill.state is State.RUNNING
                 raise  # a cancel (shutdown): cleaned up below, then passed on
         finally:
-            if part is not None:
+            if part is not None and shutdown:
+                await finish(self.local.release(part))  # the next start resumes it
+            elif part is not None:
                 await finish(self.local.discard(part))  # nothing left of a commit that happened
             # Readers learn the outcome only now, when nothing partial is left on disk.
             if fill.error is not None:
@@ -350,7 +355,7 @@ class Fills:
             await fetch.run()
         finally:
             await finish(sink.aclose())
-            await finish(recorder.aclose())
+            await finish(recorder.aclose(final=self._closing))
         self._verify(fill, sink.hexdigest())
         fill.verified = True
         fill._notify()
@@ -384,7 +389,8 @@ class Fills:
         )
 
     async def close(self) -> None:
-        """Cancel every fill and wait for each one's cleanup."""
+        """Cancel every fill and wait for each one's cleanup; their partials stay, recorded."""
+        self._closing = True
         tasks = [f.task for f in self._running.values() if f.task is not None]
         for task in tasks:
             task.cancel()

@@ -30,7 +30,8 @@ is fallocated). So the batch is also what one fdatasync flushes: 64 of them per 
 own thread, never the writer's or the loop's. Measured (``tests/bench/resume.py``), putting 1 GiB
 through a sink is not slower with them but faster (dirty pages are written as they come rather
 than throttled and flushed at the commit's fsync). The journal itself is not fsynced: a lost or
-torn record only means resuming from the one before.
+torn record only means resuming from the one before. A shutdown (SIGTERM) writes one last record
+naming every byte written, and leaves the partial for the next start.
 
 **Trust** (``scan``, at start): a journal is kept only if its newest readable record is
 well-formed, names a canonical image id (the one its file name carries), a hash algorithm this
@@ -316,13 +317,18 @@ class Recorder:
         if self._again:
             self._record()
 
-    async def aclose(self) -> None:
-        """Stop recording; returns once the record being written (if any) is written."""
+    async def aclose(self, final: bool = False) -> None:
+        """Stop recording; returns once the record being written (if any) is written, and with
+        ``final`` (a shutdown: the fill resumes at the next start) one naming every byte."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._failed = True  # stopped: no record from here on
         loop = asyncio.get_running_loop()
+        if final and self._pending and not self._failed:
+            # Queued behind the record in progress, if any: the thread writes them in order.
+            last = loop.run_in_executor(self._thread, self._write, tuple(self._spans))
+            await asyncio.gather(last, return_exceptions=True)
+        self._failed = True  # stopped: no record from here on
         await loop.run_in_executor(None, partial(self._thread.shutdown, wait=True))
         if self._job is not None:
             await asyncio.gather(self._job, return_exceptions=True)

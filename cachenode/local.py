@@ -320,6 +320,12 @@ class Local:
         if part.journal is not None:
             await self._run(part.journal.unlink, True)
 
+    async def release(self, part: Partial) -> None:
+        """Close what ``part`` still owns and leave its file and journal for the next start."""
+        fds = [fd for fd in (part.fd, part.read_fd, part.journal_fd) if fd is not None]
+        part.fd = part.read_fd = part.journal_fd = None
+        await self._run(self.blobs.discard, None, fds)
+
     async def evict(self, image_id: str, reason: str) -> int:
         """Remove an entry; returns the bytes freed (0 when it was not there)."""
         return await self._run(self._evict, image_id, reason)

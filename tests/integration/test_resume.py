@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import requests
 
 from cachenode import journal
 from tests.support.clients import Caller, start, wait_for
@@ -183,3 +184,25 @@ def test_a_parallel_fill_refetches_only_its_holes(glance: Glance, sidecar_factor
         after = origin.requests_for(image.id)[asked_before:]
         assert [r.range for r in after] == [f"bytes={hole[0]}-{hole[1] - 1}"]
         assert origin.bytes_for(image.id) - before == hole[1] - hole[0]
+
+
+def test_a_graceful_restart_keeps_the_fill_with_every_byte_it_wrote(bed: Bed) -> None:
+    """SIGTERM (an upgrade, systemctl restart) cancels the fill: its partial stays, with a last
+    record naming every byte written, not only what the batches had recorded."""
+    at = 20 * MiB + 4321
+    hold = Fault("hold", at=at)
+    bed.origin.faults.append(hold)
+    with requests.get(bed.url(), headers={"X-Auth-Token": ALICE}, stream=True, timeout=30) as r:
+        assert r.status_code == 200 and r.raw.read(1000)  # the fill started; the caller leaves
+    assert hold.reached.wait(30)
+    wait_for(lambda: bed.car.metric("cachenode_upstream_bytes_total", tier="mirror") == at)
+    assert bed.car.stop() == 0
+    hold.release()
+    assert recorded(bed.car) == at
+
+    before = bed.origin.bytes_for(bed.image.id)
+    bed.car.start()
+    resp = bed.car.get(bed.image.id, ALICE)
+    assert resp.status_code == 200 and resp.content == bed.image.data
+    assert bed.car.metric("cachenode_resumed_bytes_total") == at
+    assert bed.origin.bytes_for(bed.image.id) - before == len(bed.image.data) - at
