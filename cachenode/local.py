@@ -294,9 +294,9 @@ class Local:
         """Make ``part`` the image's entry. Takes its write descriptor, closed whatever happens;
         on failure nothing of the entry is left (no blob without its record)."""
         assert part.path is not None
-        await self._run(self._commit, part.path, part.take(), entry)
+        await self._run(self._commit, part.path, part.take(), entry, part.journal)
 
-    def _commit(self, path: Path, fd: int, entry: Entry) -> None:
+    def _commit(self, path: Path, fd: int, entry: Entry, log: Path | None = None) -> None:
         try:
             self.blobs.commit(path, fd, entry.image_id)
         except StoreError:
@@ -308,6 +308,9 @@ class Local:
             self.blobs.remove(entry.image_id)
             raise
         crash.point("commit.cataloged")
+        if log is not None:
+            with contextlib.suppress(OSError):  # an orphan journal is removed at start anyway
+                log.unlink(missing_ok=True)
         self._count(entry.image_id, entry.size, added=True)
 
     async def discard(self, part: Partial) -> None:
