@@ -39,6 +39,13 @@ def test_example_config_passes_check_config(tmp_path: Path) -> None:
     assert "tiers regional (glance), objectstore (swift)" in result.stdout
 
 
+def test_regional_example_passes_check_config(tmp_path: Path) -> None:
+    result = check_config((DEPLOY / "regional.yaml").read_text(), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "listen 0.0.0.0:9393" in result.stdout
+    assert "tiers objectstore (swift), glance (glance)" in result.stdout
+
+
 def test_daemonset_wiring(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all((DEPLOY / "daemonset.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
