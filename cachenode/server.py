@@ -33,6 +33,7 @@ from cachenode.errors import (
     ProbeUndecided,
     StoreError,
     TierError,
+    TiersBusy,
     error_body,
     http_status,
 )
@@ -204,6 +205,8 @@ class DataPlane:
                 return await self._bypass(request, "no_room")
             except StoreError:
                 return await self._bypass(request, "store_error")
+            except TiersBusy:
+                return await self._bypass(request, "tiers_busy")  # Glance serves it at once
             except FillFailed:
                 return await self._bypass(request, "tier_failed")
             fobj = open_handle()
