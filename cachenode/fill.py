@@ -225,6 +225,19 @@ class Fills:
     def get(self, image_id: str) -> Fill | None:
         return self._running.get(image_id)
 
+    def join(self, image_id: str) -> Fill | None:
+        """The running fill of this image, for a caller to stream from: a warm becomes a caller's
+        fill, so the caller is not queued behind a warm (``cachenode.limits``)."""
+        fill = self._running.get(image_id)
+        if fill is not None:
+            self._for_a_caller(fill)
+        return fill
+
+    def _for_a_caller(self, fill: Fill) -> None:
+        if fill.ticket.priority is Priority.WARM:
+            fill.ticket.priority = Priority.CALLER
+            self.limits.poke()  # if it is queued for a slot, it looks again, as a caller's
+
     def running(self) -> list[Fill]:
         return list(self._running.values())
 
@@ -250,9 +263,8 @@ class Fills:
         """
         fill = self._running.get(image.id)
         if fill is not None:
-            if priority is Priority.CALLER and fill.ticket.priority is Priority.WARM:
-                fill.ticket.priority = Priority.CALLER
-                self.limits.poke()  # a fill queued for a slot looks again, as a caller's
+            if priority is Priority.CALLER:
+                self._for_a_caller(fill)
             return fill, False
         verifier = image.verifier()
         if not image.size or verifier is None:

@@ -87,7 +87,7 @@ class Metrics:
         )
         self.tier_rate_limited = Counter(
             p + "tier_rate_limited_seconds",
-            "Time fills spent waiting on a tier's max_rate",
+            "Seconds fills waited on a tier's max_rate, summed over a fill's parallel requests",
             ["tier"],
             registry=r,
         )

@@ -137,7 +137,7 @@ class DataPlane:
             return await self._serve_hit(request, started, *hit)
         if decision.stale:
             raise GlanceUnavailable("glance is unreachable and the image is not in L1")
-        fill, status = self.fills.get(image_id), "joined"
+        fill, status = self.fills.join(image_id), "joined"
         if fill is None:
             image = await (record or self.glance.image(image_id, creds))
             if reason := self._uncacheable(image):
