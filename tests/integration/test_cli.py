@@ -87,9 +87,14 @@ def test_warm_shows_a_bar_per_image_on_a_terminal(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     """Under a pseudo-terminal of 120 columns: a bar per image, named, with its rate and time
-    left, redrawn in place; each ends at 100% and cached."""
-    # The tier's max_rate makes the warms last a few polls, so each bar has a rate to show.
-    tier = {"name": "regional", "kind": "glance", "url": glance.url, "max_rate": "6MB"}
+    left, redrawn in place; each ends at 100% and cached.
+
+    The tier's limits make the warms last a few polls: max_fills 2 lets one warm run at a time
+    (the other slot is kept for callers), and at 3 MB/s the second image alone takes a second,
+    so the third is still waiting for a slot when the CLI first looks.
+    """
+    tier = {"name": "regional", "kind": "glance", "url": glance.url,
+            "max_fills": 2, "max_rate": "3MB"}  # fmt: skip
     sidecar = operated(sidecar_factory, tmp_path, tiers=[tier])
     names = ["ubuntu-golden", "cirros-golden", "debian-golden"]
     images = [glance.create_image(3 << 20, tags=["bars"], name=n) for n in names]
@@ -123,6 +128,7 @@ def test_warm_shows_a_bar_per_image_on_a_terminal(
     assert proc.wait(60) == 0
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode())
     assert "\x1b[" in output.decode()  # drawn with cursor movements: a terminal's output
+    assert "waiting for a slot" in text
     final = [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-3:]
     for image, name in zip(images, names, strict=True):
         (line,) = [line for line in final if name in line]
