@@ -18,6 +18,7 @@ from cachenode.errors import CachenodeError
 from cachenode.fill import Fills
 from cachenode.glance import GlanceClient, ImageInfo
 from cachenode.identity import ServiceIdentity
+from cachenode.limits import Priority
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.policy import Policy, plan
@@ -83,7 +84,8 @@ class Janitor:
 
 
 class Warmer:
-    """Fills images before anyone asks, with the service credentials.
+    """Fills images before anyone asks, with the service credentials, at low priority: a warm
+    never takes a tier's last fill slot nor rate a caller's fill could use (``cachenode.limits``).
 
     ``activated`` warms an image Glance has just published (its ``image.activate`` notification)
     when the policy selects it, after a random delay of up to ``warm.jitter``: every node of a
@@ -136,7 +138,7 @@ class Warmer:
             return "not cacheable"
         if not self.policy.admits(image.size, (await self.local.usage()).disk_total):
             return "larger than max_object_size"
-        self.fills.start(image, await self.identity.credentials())
+        self.fills.start(image, await self.identity.credentials(), Priority.WARM)
         return "filling"
 
     async def warm_policy(self) -> None:

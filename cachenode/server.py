@@ -33,6 +33,7 @@ from cachenode.errors import (
     ProbeUndecided,
     StoreError,
     TierError,
+    TiersBusy,
     error_body,
     http_status,
 )
@@ -136,7 +137,7 @@ class DataPlane:
             return await self._serve_hit(request, started, *hit)
         if decision.stale:
             raise GlanceUnavailable("glance is unreachable and the image is not in L1")
-        fill, status = self.fills.get(image_id), "joined"
+        fill, status = self.fills.join(image_id), "joined"
         if fill is None:
             image = await (record or self.glance.image(image_id, creds))
             if reason := self._uncacheable(image):
@@ -204,6 +205,8 @@ class DataPlane:
                 return await self._bypass(request, "no_room")
             except StoreError:
                 return await self._bypass(request, "store_error")
+            except TiersBusy:
+                return await self._bypass(request, "tiers_busy")  # Glance serves it at once
             except FillFailed:
                 return await self._bypass(request, "tier_failed")
             fobj = open_handle()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import requests
@@ -46,7 +50,9 @@ def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path
     assert (
         warmed.stdout.strip() == f"{plain.id}  2.0MiB  cached"
     )  # not a terminal: one line, no bar
-    assert cli(sidecar, "warm", "--tag", "golden").returncode == 0
+    tagged = cli(sidecar, "warm", "--tag", "golden")  # several at once, a line as each ends
+    assert tagged.returncode == 0
+    assert sorted(tagged.stdout.splitlines()) == sorted(f"{g.id}  1.0MiB  cached" for g in golden)
     assert cli(sidecar, "warm", "--property", "os_distro=cirros-test").returncode == 0
     wanted = {plain.id, cirros.id} | {g.id for g in golden}
     assert {b.name for b in sidecar.blobs()} == wanted
@@ -77,16 +83,37 @@ def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path
     assert sidecar.metric("cachenode_evicted_bytes_total") == 5 << 20
 
 
-def test_warm_shows_a_progress_bar_on_a_terminal(
+def test_warm_shows_a_bar_per_image_on_a_terminal(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    sidecar = operated(sidecar_factory, tmp_path)
-    image = glance.create_image(3 << 20)
+    """Under a pseudo-terminal of 120 columns: a bar per image, named, with its rate and time
+    left, redrawn in place; each ends at 100% and cached.
+
+    The tier's limits make the warms last a few polls: max_fills 2 lets one warm run at a time
+    (the other slot is kept for callers), and at 3 MB/s the second image alone takes a second,
+    so the third is still waiting for a slot when the CLI first looks.
+    """
+    tier = {"name": "regional", "kind": "glance", "url": glance.url,
+            "max_fills": 2, "max_rate": "3MB"}  # fmt: skip
+    sidecar = operated(sidecar_factory, tmp_path, tiers=[tier])
+    names = ["ubuntu-golden", "cirros-golden", "debian-golden"]
+    images = [glance.create_image(3 << 20, tags=["bars"], name=n) for n in names]
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachenode", "warm", image.id, "-c", str(sidecar.config_path)],
+        [
+            sys.executable,
+            "-m",
+            "cachenode",
+            "warm",
+            "--tag",
+            "bars",
+            "-c",
+            str(sidecar.config_path),
+        ],
         stdout=terminal,
         stderr=terminal,
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
     )
     os.close(terminal)
     output = b""
@@ -99,8 +126,15 @@ def test_warm_shows_a_progress_bar_on_a_terminal(
             break
         output += chunk
     assert proc.wait(60) == 0
-    text = output.decode()
-    assert f"\r{image.id}  [" in text and "] 100%" in text and text.rstrip().endswith("cached")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode())
+    assert "\x1b[" in output.decode()  # drawn with cursor movements: a terminal's output
+    assert "waiting for a slot" in text
+    final = [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-3:]
+    for image, name in zip(images, names, strict=True):
+        (line,) = [line for line in final if name in line]
+        assert image.id[:8] in line and "100%" in line and "3.0/3.0 MiB" in line
+        assert line.rstrip().endswith("cached") and re.search(r"\d MB/s", line)  # its rate
+    assert {b.name for b in sidecar.blobs()} == {i.id for i in images}
 
 
 def test_verify_evicts_what_fails_its_hash(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
