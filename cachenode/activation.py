@@ -35,7 +35,7 @@ def listen_fds(environ: Mapping[str, str], pid: int) -> list[int]:
     if environ.get("LISTEN_PID", "") != str(pid):
         return []
     count = environ.get("LISTEN_FDS", "")
-    if not count.isdigit():
+    if not (count.isascii() and count.isdigit()):  # "²" is a digit to isdigit, not to int
         return []
     return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
 

@@ -175,7 +175,12 @@ class Warming:
 
     @property
     def label(self) -> str:
-        return f"{self.name}  {self.id[:8]}" if self.name else self.id
+        """For a terminal: the name is any project's text, so it is shown as text (no markup, see
+        ``_follow_with_bars``) and a control character in it (an escape sequence) as ``?``."""
+        if not self.name:
+            return self.id
+        shown = "".join(c if c.isprintable() else "?" for c in self.name)
+        return f"{shown}  {self.id[:8]}"
 
 
 def warm(client: AdminClient, ids: list[str], out: TextIO, poll: float = 0.2) -> int:
@@ -249,7 +254,7 @@ def _follow_with_bars(
     """A bar per image, with its rate and time left (rich computes both from the updates)."""
     console = Console(file=out)
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # an image's name, as written
         BarColumn(),
         TaskProgressColumn(),
         DownloadColumn(binary_units=True),

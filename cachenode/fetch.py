@@ -195,7 +195,7 @@ class Fetch:
     async def _received(self, tier: Tier, nbytes: int) -> None:
         """Count what a tier sent; the next read waits until the tier's max_rate allows it."""
         self.metrics.upstream_bytes.labels(tier.name).inc(nbytes)
-        await self.limits.pay(tier.name, nbytes, self.ticket.priority)
+        await self.limits.pay(tier.name, nbytes, self.ticket)
 
     def _failed(self, tier: Tier, exc: TierError, pos: int) -> None:
         self.tiers.failed(tier, exc)

@@ -117,11 +117,12 @@ class Bucket:
         self.tokens = min(self.capacity, self.tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self, nbytes: int, priority: Priority) -> float:
-        """Count ``nbytes`` against the rate, waiting as long as the priority requires; the
-        seconds waited."""
+    async def take(self, nbytes: int, ticket: Ticket) -> float:
+        """Count ``nbytes`` against the rate, waiting as long as the ticket's priority requires
+        (read again while a warm waits: a caller joining it must not wait behind other callers
+        for the bucket to be idle); the seconds waited."""
         started = self.clock()
-        if priority is Priority.CALLER:
+        if not await self._after_callers(nbytes, ticket):
             self._refill()
             self.tokens -= nbytes
             if self.tokens < 0:
@@ -130,22 +131,22 @@ class Bucket:
                     await self.sleep(-self.tokens / self.rate)
                 finally:
                     self._callers_waiting -= 1
-        else:
-            await self._after_callers(nbytes)
         return self.clock() - started
 
-    async def _after_callers(self, nbytes: int) -> None:
-        """A warm's payment: only from tokens no caller is waiting for, leaving half the bucket."""
+    async def _after_callers(self, nbytes: int, ticket: Ticket) -> bool:
+        """A warm's payment: only from tokens no caller is waiting for, leaving half the bucket.
+        False, nothing paid, once the ticket is (or becomes) a caller's."""
         half = self.capacity / 2
         need = min(nbytes, half) + half
-        while True:
+        while ticket.priority is Priority.WARM:
             self._refill()
             if self._callers_waiting == 0 and self.tokens >= need:
                 self.tokens -= nbytes
-                return
+                return True
             # While callers wait, look again after one of their chunks could have been paid.
             short = need - self.tokens if self._callers_waiting == 0 else min(nbytes, half)
             await self.sleep(short / self.rate)
+        return False
 
 
 @dataclass
@@ -219,11 +220,11 @@ class Limits:
             finally:
                 ticket.queued = False
 
-    async def pay(self, tier: str, nbytes: int, priority: Priority) -> None:
+    async def pay(self, tier: str, nbytes: int, ticket: Ticket) -> None:
         """Count ``nbytes`` received from ``tier`` against its max_rate, waiting as needed."""
         bucket = self._tiers[tier].bucket
         if bucket is None:
             return
-        waited = await bucket.take(nbytes, priority)
+        waited = await bucket.take(nbytes, ticket)
         if waited > 0:
             self.metrics.tier_rate_limited.labels(tier).inc(waited)

@@ -39,6 +39,30 @@ def cli(sidecar: Sidecar, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def on_a_terminal(sidecar: Sidecar, *args: str) -> tuple[int, bytes]:
+    """Run the CLI under a pseudo-terminal of 120 columns: its exit status and all it wrote."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachenode", *args, "-c", str(sidecar.config_path)],
+        stdout=terminal,
+        stderr=terminal,
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    return proc.wait(60), output
+
+
 def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sidecar = operated(sidecar_factory, tmp_path)
     plain = glance.create_image(2 << 20)
@@ -98,34 +122,8 @@ def test_warm_shows_a_bar_per_image_on_a_terminal(
     sidecar = operated(sidecar_factory, tmp_path, tiers=[tier])
     names = ["ubuntu-golden", "cirros-golden", "debian-golden"]
     images = [glance.create_image(3 << 20, tags=["bars"], name=n) for n in names]
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cachenode",
-            "warm",
-            "--tag",
-            "bars",
-            "-c",
-            str(sidecar.config_path),
-        ],
-        stdout=terminal,
-        stderr=terminal,
-        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
-    )
-    os.close(terminal)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    assert proc.wait(60) == 0
+    status, output = on_a_terminal(sidecar, "warm", "--tag", "bars")
+    assert status == 0
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode())
     assert "\x1b[" in output.decode()  # drawn with cursor movements: a terminal's output
     assert "waiting for a slot" in text
@@ -135,6 +133,23 @@ def test_warm_shows_a_bar_per_image_on_a_terminal(
         assert image.id[:8] in line and "100%" in line and "3.0/3.0 MiB" in line
         assert line.rstrip().endswith("cached") and re.search(r"\d MB/s", line)  # its rate
     assert {b.name for b in sidecar.blobs()} == {i.id for i in images}
+
+
+def test_warm_bars_show_an_image_name_as_text(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Any project names its images as it likes, and a shared image's name reaches the operator's
+    terminal: markup in it is shown as written (never a crash of the CLI), and an escape sequence
+    (here one that sets the terminal's title) is not passed to the terminal."""
+    sidecar = operated(sidecar_factory, tmp_path)
+    name = "[/oops] [link=http://x]ok \x1b]0;pwned\x07"
+    image = glance.create_image(1 << 20, name=name)
+    status, output = on_a_terminal(sidecar, "warm", image.id)
+    text = output.decode()
+    assert status == 0, text
+    assert "\x1b]" not in text  # rich draws with CSI sequences only; no OSC got through
+    assert f"[/oops] [link=http://x]ok ?]0;pwned?  {image.id[:8]}" in text
+    assert {b.name for b in sidecar.blobs()} == {image.id}
 
 
 def test_verify_evicts_what_fails_its_hash(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

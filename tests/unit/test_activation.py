@@ -26,6 +26,8 @@ def test_descriptors_are_ours_only_with_our_pid() -> None:
     assert listen_fds({}, 42) == []
     assert listen_fds({"LISTEN_PID": "42", "LISTEN_FDS": "x"}, 42) == []
     assert listen_fds({"LISTEN_PID": "42", "LISTEN_FDS": "0"}, 42) == []
+    # Digits to str.isdigit, not to int(): "ignored", as any count that is not ASCII digits
+    assert listen_fds({"LISTEN_PID": "42", "LISTEN_FDS": "\u00b2"}, 42) == []
 
 
 def test_addresses_compare_as_addresses() -> None:

@@ -252,6 +252,8 @@ def test_tier_limits_and_the_short_connect_timeout() -> None:
         ({"max_rate": "fast"}, "tiers[1].max_rate: not a size: 'fast'"),
         ({"max_rate": "0MB"}, "tiers[1].max_rate: must be more than 0"),
         ({"max_rate": "10%"}, "tiers[1].max_rate: a percentage is not allowed here"),
+        ({"max_rate": "9" * 400 + "MB"}, "tiers[1].max_rate: too large"),  # not a traceback
+        ({"chunk_size": "9" * 8000}, "tiers[1].chunk_size: too large"),
         ({"max_fills": 0}, "tiers[1].max_fills: must be at least 1"),
         ({"max_fills": "2"}, "tiers[1].max_fills: expected a whole number"),
         ({"connect_timeout": "0s"}, "tiers[1].connect_timeout: must be more than 0s"),

@@ -62,7 +62,7 @@ def stream(
     async def run() -> float:
         waited = 0.0
         for _ in range(chunks):
-            w = await bucket.take(MiB, priority)
+            w = await bucket.take(MiB, Ticket(priority))
             waited += w
             log.append((bucket.clock(), w))
         return waited
@@ -126,7 +126,7 @@ def test_a_warm_uses_what_a_slow_caller_leaves_and_never_makes_it_wait() -> None
 
     async def slow_caller() -> None:  # 1 MiB every 4 s: a quarter of the rate
         for _ in range(10):
-            caller_waits.append(await bucket.take(MiB, CALLER))
+            caller_waits.append(await bucket.take(MiB, Ticket(CALLER)))
             await time.sleep(4)
 
     warm: list[tuple[float, float]] = []
@@ -152,8 +152,8 @@ def test_pay_counts_the_seconds_waited_per_tier() -> None:
 
     async def fill() -> None:
         for _ in range(5):
-            await lim.pay("regional", MiB, CALLER)
-            await lim.pay("origin", MiB, CALLER)  # no max_rate: never waits
+            await lim.pay("regional", MiB, Ticket(CALLER))
+            await lim.pay("origin", MiB, Ticket(CALLER))  # no max_rate: never waits
 
     time.run(fill())
     seconds = metrics.tier_rate_limited.labels
@@ -230,3 +230,30 @@ def test_a_warm_whose_tiers_keep_their_only_slot_fails_at_once() -> None:
         await lim.admission(["regional", "origin"], Ticket(WARM), may_wait=True)  # origin may
 
     time.run(main())
+
+
+def test_a_warm_raised_to_a_caller_while_it_waits_on_the_rate_pays_as_a_caller() -> None:
+    """A caller joins a warm whose chunk waits on a bucket that two callers keep busy: from then
+    on the fill shares the rate as a caller, instead of waiting until the others are done."""
+    time = VirtualTime()
+    bucket = Bucket(MiB, 2 * MiB, time.clock, time.sleep)
+    a: list[tuple[float, float]] = []
+    b: list[tuple[float, float]] = []
+    ticket = Ticket(WARM)
+
+    async def warm_then_joined() -> float:
+        await time.sleep(0.5)  # the callers have emptied the bucket
+        await bucket.take(MiB, ticket)
+        return time.now
+
+    async def join_at_one_second() -> None:
+        await time.sleep(1)
+        ticket.priority = CALLER  # Fills.join
+
+    paid, *_ = time.run(
+        warm_then_joined(), join_at_one_second(), stream(bucket, 15, CALLER, a),
+        stream(bucket, 15, CALLER, b),
+    )  # fmt: skip
+    assert min(a[-1][0], b[-1][0]) >= 25  # the others want the whole rate all along
+    # Three callers sharing 1 MiB/s: its chunk is paid within a few chunks of the others.
+    assert paid <= 4
