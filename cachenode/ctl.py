@@ -56,6 +56,16 @@ class AdminClient:
         self.token = config.admin_token
         self.timeout = timeout
 
+    def get(self, path: str, key: str | None = None) -> Any:
+        """The document of a GET that must succeed (``doc[key]`` with a key). Any other answer
+        (an older sidecar without the path, during an upgrade; a 500) is one clear line, not a
+        traceback."""
+        status, doc = self.call("GET", path)
+        if status != 200 or not isinstance(doc, dict) or (key is not None and key not in doc):
+            error = doc.get("error") if isinstance(doc, dict) else None
+            raise CtlError(f"the admin API answered {status} to GET {path}: {error or 'no data'}")
+        return doc if key is None else doc[key]
+
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
@@ -120,8 +130,7 @@ def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> 
 
 
 def ls(client: AdminClient, as_json: bool, out: TextIO) -> int:
-    _, doc = client.call("GET", "/images")
-    images = doc["images"]
+    images = client.get("/images", "images")
     if as_json:
         json.dump(images, out, indent=2)
         out.write("\n")
@@ -143,7 +152,7 @@ def ls(client: AdminClient, as_json: bool, out: TextIO) -> int:
 
 
 def stats(client: AdminClient, as_json: bool, out: TextIO) -> int:
-    _, doc = client.call("GET", "/stats")
+    doc = client.get("/stats")
     if as_json:
         json.dump(doc, out, indent=2)
         out.write("\n")
@@ -215,8 +224,7 @@ def _follow(
     for done in (w for w in warmings if w.state == "cached"):
         changed(done)
     while pending:
-        _, doc = client.call("GET", "/fills")
-        running = {f["id"]: f for f in doc["fills"]}
+        running = {f["id"]: f for f in client.get("/fills", "fills")}
         for warming in list(pending):
             fill = running.get(warming.id)
             if fill is None:  # over: cached, or gone because it failed
