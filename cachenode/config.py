@@ -109,6 +109,7 @@ class Config:
     service_keystone: KeystoneAuth | None = None
     log_level: str = "info"
     janitor_interval: float = 30.0
+    access_flush_interval: float = 5.0  # hits' access times reach the catalog this often
     notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
     notifications_durable: bool = False  # as Glance's [oslo_messaging_rabbit] amqp_durable_queues
 
@@ -283,6 +284,9 @@ def parse_config(data: object) -> Config:
     janitor_interval = cache.take("janitor_interval", parse_duration, 30.0)
     if janitor_interval <= 0:
         raise ConfigError(cache.key("janitor_interval"), "must be more than 0s")
+    access_flush_interval = cache.take("access_flush_interval", parse_duration, 5.0)
+    if not 0 < access_flush_interval <= 300:
+        raise ConfigError(cache.key("access_flush_interval"), "must be between 0s and 5m")
     if policy is None:
         policy = load_policy("default")
     cache.finish()
@@ -332,6 +336,7 @@ def parse_config(data: object) -> Config:
         service_keystone=service_keystone,
         log_level=log_level,
         janitor_interval=janitor_interval,
+        access_flush_interval=access_flush_interval,
         notifications_url=notifications_url,
         notifications_durable=notifications_durable,
     )

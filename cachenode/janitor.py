@@ -1,8 +1,8 @@
 """The janitor: keeps L1 within its policy, and warms what the policy wants warm.
 
-Eviction runs every ``interval`` seconds and before every fill (``make_room``), under one lock so
-two plans never race. The plan itself is a pure function (``cachenode.policy.plan``); this module
-only gathers its inputs and carries it out. Warming asks Glance, with the service credentials, for
+Eviction runs every ``interval`` seconds and before every fill (``make_room``). The plan itself is
+a pure function (``cachenode.policy.plan_over``) over L1's index; this module only gathers its
+inputs and carries it out. Warming asks Glance, with the service credentials, for
 the images the policy selects (by id, tag or property) and fills those not in L1, one at a time.
 """
 
@@ -21,7 +21,7 @@ from cachenode.identity import ServiceIdentity
 from cachenode.limits import Priority
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.policy import Policy, plan
+from cachenode.policy import Policy, plan_over
 from cachenode.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,14 @@ class Janitor:
         self.metrics = metrics
         self.interval = interval
         self.clock = clock
-        self._lock = asyncio.Lock()
+        if local.policy != policy:
+            raise ValueError("the janitor must apply the policy L1's index is ordered by")
 
     async def make_room(self, needed: int) -> bool:
         """Evict what the policy allows so that ``needed`` more bytes fit; whether they do.
 
-        All or nothing (``policy.plan``): when they cannot fit, nothing is evicted, and the fill
-        that asked is passed through.
+        All or nothing (``policy.plan_over``): when they cannot fit, nothing is evicted, and the
+        fill that asked is passed through.
         """
         fits = await self.sweep(needed)
         if not fits:
@@ -56,18 +57,19 @@ class Janitor:
         return fits
 
     async def sweep(self, needed: int = 0) -> bool:
-        async with self._lock:
-            usage = await self.local.usage()
-            entries = await self.local.entries()
-            result = plan(
-                entries, self.policy, usage, self.clock(), needed, await self.local.pins()
-            )
-            for eviction in result.evictions:
-                await self.local.evict(eviction.image_id, eviction.reason)
-            self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
-            if result.evictions:
-                await self.local.usage()  # refresh disk_free_bytes
-            return result.fits
+        """Plan over L1's index and carry the plan out; whether ``needed`` more bytes fit.
+
+        The plan and the claim of its entries run with no await in between (``Local.claim``),
+        so two sweeps never choose the same entry or count bytes another already freed; each
+        then waits only for the removal of its own evictions. A plan reads about as many
+        entries as it evicts (``cachenode.index``), however many L1 holds.
+        """
+        usage = await self.local.usage()
+        result = plan_over(self.local.index, self.policy, usage, self.clock(), needed)
+        claimed = self.local.claim((e.image_id, e.reason) for e in result.evictions)
+        self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
+        await self.local.remove(claimed)
+        return result.fits
 
     async def run(self, warmer: Warmer | None) -> None:
         """Sweep every ``interval``, warm every ``warm_interval``, until cancelled."""

@@ -32,7 +32,8 @@ class Sidecar:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.local = Local(config.cache_dir, self.metrics)
+        self.local = Local(config.cache_dir, self.metrics, config.policy,
+                           config.access_flush_interval)  # fmt: skip
         self.ready = False
         self._runners: list[web.AppRunner] = []
         self._pools: Pools | None = None
@@ -138,4 +139,4 @@ class Sidecar:
         await self.tiers.close()
         if self._pools is not None:
             await self._pools.close()
-        self.local.close()
+        await self.local.stop()
