@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import termios
+import uuid
 from pathlib import Path
 
 import requests
@@ -66,18 +67,19 @@ def on_a_terminal(sidecar: Sidecar, *args: str) -> tuple[int, bytes]:
 def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sidecar = operated(sidecar_factory, tmp_path)
     plain = glance.create_image(2 << 20)
-    golden = [glance.create_image(1 << 20, tags=["golden"]) for _ in range(2)]
-    cirros = glance.create_image(1 << 20, os_distro="cirros-test")
+    tag = f"golden-{uuid.uuid4().hex[:8]}"  # the session's Glance holds other tests' images
+    golden = [glance.create_image(1 << 20, tags=[tag]) for _ in range(2)]
+    cirros = glance.create_image(1 << 20, os_distro=f"cirros-{tag}")
 
     warmed = cli(sidecar, "warm", plain.id)
     assert warmed.returncode == 0, warmed.stderr
     assert (
         warmed.stdout.strip() == f"{plain.id}  2.0MiB  cached"
     )  # not a terminal: one line, no bar
-    tagged = cli(sidecar, "warm", "--tag", "golden")  # several at once, a line as each ends
+    tagged = cli(sidecar, "warm", "--tag", tag)  # several at once, a line as each ends
     assert tagged.returncode == 0
     assert sorted(tagged.stdout.splitlines()) == sorted(f"{g.id}  1.0MiB  cached" for g in golden)
-    assert cli(sidecar, "warm", "--property", "os_distro=cirros-test").returncode == 0
+    assert cli(sidecar, "warm", "--property", f"os_distro=cirros-{tag}").returncode == 0
     wanted = {plain.id, cirros.id} | {g.id for g in golden}
     assert {b.name for b in sidecar.blobs()} == wanted
     for image in (plain, cirros, *golden):  # warmed bytes are served as hits, verified
