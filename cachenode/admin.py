@@ -6,6 +6,7 @@ entirely when no ``admin.token_file`` is configured. The ``cachenode`` CLI is it
 
     GET    /admin/v1/images              every entry in L1 and every fill in progress
     GET    /admin/v1/images/{id}         one of them (404 when neither)
+    GET    /admin/v1/fills               the fills in progress only (what ``warm`` follows)
     POST   /admin/v1/images/{id}/warm    fill it now, with the service credentials (202)
     PUT    /admin/v1/images/{id}/pin     never evict it (it may not be cached yet)
     DELETE /admin/v1/images/{id}/pin
@@ -59,6 +60,7 @@ class Admin:
         r.add_get("/readyz", self.readyz)
         r.add_get("/admin/v1/images", self.list_images)
         r.add_get("/admin/v1/images/{image_id}", self.show_image)
+        r.add_get("/admin/v1/fills", self.list_fills)
         r.add_post("/admin/v1/images/{image_id}/warm", self.warm)
         r.add_put("/admin/v1/images/{image_id}/pin", self.pin)
         r.add_delete("/admin/v1/images/{image_id}/pin", self.unpin)
@@ -91,6 +93,9 @@ class Admin:
         images += [self._fill(f) for f in self.fills.running()]
         return web.json_response({"images": images})
 
+    async def list_fills(self, request: web.Request) -> web.Response:
+        return web.json_response({"fills": [self._fill(f) for f in self.fills.running()]})
+
     async def show_image(self, request: web.Request) -> web.Response:
         image_id = _image_id(request)
         if (fill := self.fills.get(image_id)) is not None:
@@ -109,8 +114,10 @@ class Admin:
             raise AdminError(409, f"{image_id} is not active in Glance")
         state = await self.warmer.warm(images[0])
         status = {"filling": 202, "cached": 200}.get(state, 409)
+        image = images[0]
         return web.json_response(
-            {"id": image_id, "state": state, "size": images[0].size}, status=status
+            {"id": image_id, "state": state, "size": image.size, "name": image.name},
+            status=status,
         )
 
     async def pin(self, request: web.Request) -> web.Response:
@@ -187,8 +194,12 @@ class Admin:
 
     @staticmethod
     def _fill(fill: Fill) -> dict[str, Any]:
-        return {"id": fill.image.id, "state": "filling", "size": fill.size, "landed": fill.landed,
-                "tier": fill.tier}  # fmt: skip
+        """A fill in progress: bytes landed of its size, the tier they come from, its priority
+        (``warm`` or ``caller``) and whether it is queued for a tier's slot."""
+        return {"id": fill.image.id, "name": fill.image.name, "state": "filling",
+                "size": fill.size, "landed": fill.landed,
+                "tier": fill.tier, "priority": fill.ticket.priority.value,
+                "queued": fill.ticket.queued}  # fmt: skip
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:

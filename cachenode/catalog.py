@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,15 +87,14 @@ class Catalog:
     def delete(self, image_id: str) -> bool:
         return bool(self._call(self._db.delete, ("entry", image_id)))
 
-    def touch(self, image_id: str, now: float | None = None) -> Entry | None:
-        """Record one more hit; the read-modify-write runs in one SQLite transaction."""
+    def record_access(self, entries: Iterable[Entry]) -> None:
+        """Write the access times and hit counts of ``entries`` onto their records, in one
+        SQLite transaction; a record gone meanwhile (evicted) is not written again."""
         with _translated(), self._db.transact():
-            entry = self.get(image_id)
-            if entry is None:
-                return None
-            entry = replace(entry, last_access=now or time.time(), hits=entry.hits + 1)
-            self.put(entry)
-        return entry
+            for entry in entries:
+                stored = self.get(entry.image_id)
+                if stored is not None:
+                    self.put(replace(stored, last_access=entry.last_access, hits=entry.hits))
 
     def pin(self, image_id: str) -> None:
         self._call(self._db.set, ("pin", image_id), True)

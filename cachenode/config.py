@@ -22,6 +22,10 @@ from cachenode.units import parse_duration, parse_size
 DEFAULT_PATH = "/etc/cachenode/cachenode.yaml"
 TIER_KINDS = ("glance", "swift", "http")
 _TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+# Tiers are in the region: a connect takes milliseconds. 2 s still lets Linux retransmit a lost
+# SYN once (its first retransmit goes at 1 s), and a tier that drops SYNs costs a fill 2 s, not
+# a boot a minute; after failures_before_cooldown of them the tier is skipped altogether.
+CONNECT_TIMEOUT = 2.0
 
 
 class Secret:
@@ -52,10 +56,12 @@ class TierConfig:
     url: str
     parallel: int = 1
     chunk_size: int = 64 * 2**20
-    connect_timeout: float = 5.0
+    connect_timeout: float = CONNECT_TIMEOUT
     read_timeout: float = 30.0
     failures_before_cooldown: int = 3
     cooldown: float = 30.0
+    max_fills: int | None = None  # fills reading from the tier at once (cachenode.limits)
+    max_rate: int | None = None  # bytes a second over all of them
     # kind swift: the object is <url>/<container>/<image id> unless Glance's locations name one
     container: str = "glance"
     temp_url_key_file: Path | None = None  # sign TempURLs with this account key ...
@@ -103,6 +109,7 @@ class Config:
     service_keystone: KeystoneAuth | None = None
     log_level: str = "info"
     janitor_interval: float = 30.0
+    access_flush_interval: float = 5.0  # hits' access times reach the catalog this often
     notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
     notifications_durable: bool = False  # as Glance's [oslo_messaging_rabbit] amqp_durable_queues
 
@@ -129,10 +136,12 @@ def _tier(path: str, data: object) -> TierConfig:
         url=s.take("url", v.http_url),
         parallel=s.take("parallel", v.integer(1, 64), 1),
         chunk_size=s.take("chunk_size", lambda x: parse_size(x).bytes, 64 * 2**20),
-        connect_timeout=s.take("connect_timeout", parse_duration, 5.0),
+        connect_timeout=s.take("connect_timeout", _positive_duration, CONNECT_TIMEOUT),
         read_timeout=s.take("read_timeout", parse_duration, 30.0),
         failures_before_cooldown=s.take("failures_before_cooldown", v.integer(1), 3),
         cooldown=s.take("cooldown", parse_duration, 30.0),
+        max_fills=s.take("max_fills", v.integer(1), None),
+        max_rate=s.take("max_rate", _rate, None),
     )
     if tier.chunk_size < 2**20:
         raise ConfigError(s.key("chunk_size"), "must be at least 1MiB")
@@ -144,6 +153,21 @@ def _tier(path: str, data: object) -> TierConfig:
         tier = _swift(s, tier)
     s.finish()
     return tier
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0s")
+    return seconds
+
+
+def _rate(value: object) -> int:
+    """Bytes a second, written as a size (``500MB``, ``1GiB``)."""
+    rate = parse_size(value).bytes
+    if rate <= 0:
+        raise ValueError("must be more than 0 (leave max_rate out for no limit)")
+    return rate
 
 
 def _swift(s: v.Section, tier: TierConfig) -> TierConfig:
@@ -260,6 +284,9 @@ def parse_config(data: object) -> Config:
     janitor_interval = cache.take("janitor_interval", parse_duration, 30.0)
     if janitor_interval <= 0:
         raise ConfigError(cache.key("janitor_interval"), "must be more than 0s")
+    access_flush_interval = cache.take("access_flush_interval", parse_duration, 5.0)
+    if not 0 < access_flush_interval <= 300:
+        raise ConfigError(cache.key("access_flush_interval"), "must be between 0s and 5m")
     if policy is None:
         policy = load_policy("default")
     cache.finish()
@@ -309,6 +336,7 @@ def parse_config(data: object) -> Config:
         service_keystone=service_keystone,
         log_level=log_level,
         janitor_interval=janitor_interval,
+        access_flush_interval=access_flush_interval,
         notifications_url=notifications_url,
         notifications_durable=notifications_durable,
     )

@@ -11,7 +11,7 @@ no ``finally``, as a power cut or the OOM killer would) the first time that poin
     commit.fsynced      the partial file is durable, not yet renamed into blobs/
     commit.renamed      the blob is in place, its catalog record not yet written
     commit.cataloged    the catalog record is written
-    touch.cataloged     a hit's access time is written to the catalog
+    touch.cataloged     a batch of hits' access times is written to the catalog
     evict.uncataloged   an evicted entry's record is gone, its blob not yet removed
     evict.removed       the evicted blob is removed
 """

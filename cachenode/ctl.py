@@ -15,7 +15,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from cachenode.config import Config
 from cachenode.errors import ServiceAuthFailed
@@ -42,6 +55,16 @@ class AdminClient:
         self.base = f"http://{host}:{port}/admin/v1"
         self.token = config.admin_token
         self.timeout = timeout
+
+    def get(self, path: str, key: str | None = None) -> Any:
+        """The document of a GET that must succeed (``doc[key]`` with a key). Any other answer
+        (an older sidecar without the path, during an upgrade; a 500) is one clear line, not a
+        traceback."""
+        status, doc = self.call("GET", path)
+        if status != 200 or not isinstance(doc, dict) or (key is not None and key not in doc):
+            error = doc.get("error") if isinstance(doc, dict) else None
+            raise CtlError(f"the admin API answered {status} to GET {path}: {error or 'no data'}")
+        return doc if key is None else doc[key]
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -107,8 +130,7 @@ def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> 
 
 
 def ls(client: AdminClient, as_json: bool, out: TextIO) -> int:
-    _, doc = client.call("GET", "/images")
-    images = doc["images"]
+    images = client.get("/images", "images")
     if as_json:
         json.dump(images, out, indent=2)
         out.write("\n")
@@ -130,7 +152,7 @@ def ls(client: AdminClient, as_json: bool, out: TextIO) -> int:
 
 
 def stats(client: AdminClient, as_json: bool, out: TextIO) -> int:
-    _, doc = client.call("GET", "/stats")
+    doc = client.get("/stats")
     if as_json:
         json.dump(doc, out, indent=2)
         out.write("\n")
@@ -150,51 +172,116 @@ def stats(client: AdminClient, as_json: bool, out: TextIO) -> int:
     return EXIT_OK
 
 
+@dataclass
+class Warming:
+    """One image ``warm`` follows: what the admin API last said of it."""
+
+    id: str
+    name: str | None
+    size: int
+    landed: int = 0
+    state: str = "filling"  # filling | queued | cached | failed
+
+    @property
+    def label(self) -> str:
+        """For a terminal: the name is any project's text, so it is shown as text (no markup, see
+        ``_follow_with_bars``) and a control character in it (an escape sequence) as ``?``."""
+        if not self.name:
+            return self.id
+        shown = "".join(c if c.isprintable() else "?" for c in self.name)
+        return f"{shown}  {self.id[:8]}"
+
+
 def warm(client: AdminClient, ids: list[str], out: TextIO, poll: float = 0.2) -> int:
-    started: list[tuple[str, int]] = []
+    """Warm every image at once (the sidecar's tier limits decide how many fill together) and
+    follow them to the end: a bar per image on a terminal, a line per image otherwise."""
+    started: list[Warming] = []
     failed = False
     for image_id in dict.fromkeys(ids):
         status, doc = client.call("POST", f"/images/{image_id}/warm")
         if status in (200, 202):
-            started.append((image_id, int(doc.get("size") or 0)))
+            warming = Warming(image_id, doc.get("name"), int(doc.get("size") or 0))
+            if status == 200:  # in L1 already
+                warming.state, warming.landed = "cached", warming.size
+            started.append(warming)
         else:
             out.write(f"{image_id}  failed: {doc.get('error') or doc.get('state')}\n")
             failed = True
-    tty = out.isatty()
-    for image_id, size in started:
-        failed |= not _follow(client, image_id, size, out, tty, poll)
+    if out.isatty():
+        _follow_with_bars(client, started, out, poll)
+    else:
+        _follow(client, started, partial(_print_end, out), poll)
+    failed |= any(w.state == "failed" for w in started)
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def _follow(
-    client: AdminClient, image_id: str, size: int, out: TextIO, tty: bool, poll: float
-) -> bool:
-    """Wait for one warm to end; a progress bar on a terminal, one line when done otherwise."""
-    while True:
-        status, doc = client.call("GET", f"/images/{image_id}")
-        if status == 200 and doc["state"] == "cached":
-            if tty:
-                out.write(f"\r{_bar(image_id, size, size)}  cached\n")
-            else:
-                out.write(f"{image_id}  {format_bytes(size)}  cached\n")
-            out.flush()
-            return True
-        if status != 200:
-            out.write(f"{chr(13) if tty else ''}{image_id}  failed: the fill did not complete\n")
-            return False
-        if tty:
-            out.write(f"\r{_bar(image_id, doc.get('landed', 0), size)}")
-            out.flush()
-        time.sleep(poll)
+    client: AdminClient, warmings: list[Warming], changed: Callable[[Warming], None], poll: float
+) -> None:
+    """Poll the fills in progress until every warm is cached or failed; ``changed`` is called
+    for every update, once more when each one ends (``state`` then says how)."""
+    pending = [w for w in warmings if w.state != "cached"]
+    for done in (w for w in warmings if w.state == "cached"):
+        changed(done)
+    while pending:
+        running = {f["id"]: f for f in client.get("/fills", "fills")}
+        for warming in list(pending):
+            fill = running.get(warming.id)
+            if fill is None:  # over: cached, or gone because it failed
+                status, fill = client.call("GET", f"/images/{warming.id}")
+                if status != 200 or fill["state"] != "filling":
+                    cached = status == 200 and fill["state"] == "cached"
+                    warming.state = "cached" if cached else "failed"
+                    warming.landed = warming.size if cached else warming.landed
+                    pending.remove(warming)
+                    changed(warming)
+                    continue
+            warming.landed = int(fill.get("landed", 0))
+            warming.state = "queued" if fill.get("queued") else "filling"
+            changed(warming)
+        if pending:
+            time.sleep(poll)
 
 
-def _bar(image_id: str, done: int, size: int, width: int = 30) -> str:
-    fraction = done / size if size else 1.0
-    filled = int(width * fraction)
-    return (
-        f"{image_id}  [{'#' * filled}{'.' * (width - filled)}] {100 * fraction:3.0f}%  "
-        f"{format_bytes(done)}/{format_bytes(size)}"
+def _print_end(out: TextIO, warming: Warming) -> None:
+    """The one line a warm leaves when stdout is not a terminal, when it ends."""
+    if warming.state == "cached":
+        out.write(f"{warming.id}  {format_bytes(warming.size)}  cached\n")
+    elif warming.state == "failed":
+        out.write(f"{warming.id}  failed: the fill did not complete\n")
+    out.flush()
+
+
+_STATES = {"filling": "filling", "queued": "waiting for a slot", "cached": "cached",
+           "failed": "[red]failed[/red]"}  # fmt: skip
+
+
+def _follow_with_bars(
+    client: AdminClient, warmings: list[Warming], out: TextIO, poll: float
+) -> None:
+    """A bar per image, with its rate and time left (rich computes both from the updates)."""
+    console = Console(file=out)
+    columns = (
+        TextColumn("{task.description}", markup=False),  # an image's name, as written
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[state]}"),
     )
+    with Progress(*columns, console=console) as progress:
+        tasks = {
+            w.id: progress.add_task(w.label, total=w.size or None, state=_STATES[w.state])
+            for w in warmings
+        }
+
+        def changed(warming: Warming) -> None:
+            progress.update(
+                tasks[warming.id], completed=warming.landed, state=_STATES[warming.state]
+            )
+
+        _follow(client, warmings, changed, poll)
 
 
 def evict(

@@ -21,6 +21,7 @@ used, ``raise ... from exc``, into the most specific of these::
      │    └── RangeNotSupported   the tier cannot start at an offset
      ├── IntegrityError           the bytes do not match Glance's size or hash
      ├── FillFailed               no tier could deliver the image
+     │    └── TiersBusy           every tier it may use is at max_fills: pass through
      ├── FillBroken               a fill failed while a reader streamed it: cut the connection
      └── StoreError               the local disk failed (full, read-only, I/O error)
           └── NoRoom              the policy cannot make room for the image
@@ -168,6 +169,10 @@ class IntegrityError(CachenodeError):
 
 class FillFailed(CachenodeError):
     """Every tier was tried and none delivered the whole image."""
+
+
+class TiersBusy(FillFailed):
+    """Every tier the fill may use is at ``max_fills`` and the fill may not wait for a slot."""
 
 
 class FillBroken(CachenodeError):

@@ -13,6 +13,12 @@ So every byte is written once, whichever tiers it came from, and a failover neve
 image. A fill resumed after a restart starts with the spans its journal kept (``have``) already
 there. A tier that sends more than the image's size is an IntegrityError; every other tier
 failure moves on to the next tier.
+
+A tier is read only while the fill holds one of its slots, and every chunk is paid into its
+bucket (``cachenode.limits``). A tier with no slot free is passed over like a failed one, but
+kept: when the other tiers are done and bytes are still missing, the fill is admitted again
+(``Limits.admission``: it waits for a slot, or gives up with TiersBusy) and asks the tiers it
+passed over.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from cachenode.errors import (
     TierShortRead,
 )
 from cachenode.glance import Credentials, ImageInfo
+from cachenode.limits import Limits, Ticket
 from cachenode.metrics import Metrics
 from cachenode.sink import Sink
 from cachenode.spans import Spans
@@ -68,6 +75,8 @@ class Fetch:
         creds: Credentials | None,
         metrics: Metrics,
         provenance: Provenance,
+        limits: Limits,
+        ticket: Ticket,
         have: Spans | None = None,
     ) -> None:
         self.image = image
@@ -78,25 +87,45 @@ class Fetch:
         self.creds = creds
         self.metrics = metrics
         self.provenance = provenance
+        self.limits = limits
+        self.ticket = ticket
         self.missing = Spans([(0, size)])
         for start, end in have or ():
             self.missing.discard(start, end)  # a previous run's bytes (cachenode.journal)
         self.errors: list[str] = []
 
     async def run(self) -> None:
-        """Put every byte of the image into the sink, or raise FillFailed / IntegrityError."""
-        for tier in self.candidates:
-            if not self.missing:
-                break
-            if tier.ranged and tier.config.parallel > 1:
-                await self._parallel(tier)
-            else:
-                await self._stream(tier)
+        """Put every byte of the image into the sink, or raise FillFailed / IntegrityError
+        (TiersBusy when tiers were passed over for want of a slot and the fill may not wait)."""
+        tiers = self.candidates
+        while tiers and self.missing:
+            passed_over = await self._walk(tiers)
+            if passed_over and self.missing:
+                # Bytes on disk may already be on their way to callers: finish, never give up.
+                landed = self.missing.total < self.size
+                names = [t.name for t in passed_over]
+                await self.limits.admission(names, self.ticket, may_wait=landed)
+            tiers = passed_over
         await self.sink.drain()
         if self.missing:
             raise FillFailed(
                 f"no tier delivered {self.image.id}: " + "; ".join(self.errors or ["no tier left"])
             )
+
+    async def _walk(self, tiers: list[Tier]) -> list[Tier]:
+        """Ask each tier in turn for what is missing; the tiers passed over (no slot free)."""
+        passed_over = []
+        for tier in tiers:
+            if not self.missing:
+                break
+            with self.limits.slot(tier.name, self.ticket.priority) as admitted:
+                if not admitted:
+                    passed_over.append(tier)
+                elif tier.ranged and tier.config.parallel > 1:
+                    await self._parallel(tier)
+                else:
+                    await self._stream(tier)
+        return passed_over
 
     async def _stream(self, tier: Tier) -> None:
         """One request for everything still missing, writing only what is missing."""
@@ -107,7 +136,7 @@ class Fetch:
                 pos = body.offset
                 async for chunk in body.chunks():
                     end = pos + len(chunk)
-                    self._received(tier, len(chunk))
+                    await self._received(tier, len(chunk))
                     if end > self.size:
                         raise IntegrityError(
                             self.image.id, f"{tier.name} sent more than {self.size} bytes",
@@ -147,7 +176,7 @@ class Fetch:
             try:
                 async with tier.open(self.image, self.creds, start, end, exact=True) as body:
                     async for chunk in body.chunks():
-                        self._received(tier, len(chunk))
+                        await self._received(tier, len(chunk))
                         data = memoryview(chunk)[: end - pos]
                         await self._put(tier, data, pos)
                         pos += len(data)
@@ -167,8 +196,10 @@ class Fetch:
         self.provenance.record(tier.name)
         await self.sink.put(data, offset)
 
-    def _received(self, tier: Tier, nbytes: int) -> None:
+    async def _received(self, tier: Tier, nbytes: int) -> None:
+        """Count what a tier sent; the next read waits until the tier's max_rate allows it."""
         self.metrics.upstream_bytes.labels(tier.name).inc(nbytes)
+        await self.limits.pay(tier.name, nbytes, self.ticket)
 
     def _failed(self, tier: Tier, exc: TierError, pos: int) -> None:
         self.tiers.failed(tier, exc)

@@ -13,6 +13,9 @@ skipped for that image for a while.
     RUNNING --all bytes, hash ok (verified: readers may send the last byte)--> COMMITTED
        |--tiers exhausted / disk error / bad hash--> FAILED
 
+A fill is admitted by the tiers' limits (``cachenode.limits``) before it reserves disk space: a
+caller's fill that no tier has a slot for is passed through at once, a warm waits for a slot.
+
 A fill survives a restart: the spans it wrote are recorded in a journal next to its partial file
 (``cachenode.journal``), and the next fill of the same image (same size and hash) resumes from them,
 fetching only what is missing; the whole image is still hashed and verified before commit.
@@ -43,9 +46,11 @@ from cachenode.errors import (
     IntegrityError,
     NoRoom,
     StoreError,
+    TiersBusy,
 )
 from cachenode.fetch import Fetch, Provenance
 from cachenode.glance import Credentials, ImageInfo
+from cachenode.limits import Limits, Priority, Ticket
 from cachenode.local import Local, Partial, finish
 from cachenode.metrics import Metrics
 from cachenode.sink import Sink
@@ -68,10 +73,17 @@ class State(enum.Enum):
 class Fill:
     """One image being filled; readers follow ``landed`` through ``wait``."""
 
-    def __init__(self, image: ImageInfo, size: int, verifier: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        image: ImageInfo,
+        size: int,
+        verifier: tuple[str, str],
+        priority: Priority = Priority.CALLER,
+    ) -> None:
         self.image = image
         self.size = size
         self.verifier = verifier
+        self.ticket = Ticket(priority)
         self.landed = 0
         self.resumed = 0  # bytes taken from a previous run's partial file
         self.verified = False
@@ -204,10 +216,12 @@ class Fills:
         quarantine: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         make_room: Callable[[int], Awaitable[bool]] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.local = local
         self.make_room = make_room
         self.tiers = tiers
+        self.limits = limits or Limits([t.config for t in tiers.tiers], metrics)
         self.metrics = metrics
         self.quarantine = quarantine
         self.clock = clock
@@ -217,6 +231,19 @@ class Fills:
 
     def get(self, image_id: str) -> Fill | None:
         return self._running.get(image_id)
+
+    def join(self, image_id: str) -> Fill | None:
+        """The running fill of this image, for a caller to stream from: a warm becomes a caller's
+        fill, so the caller is not queued behind a warm (``cachenode.limits``)."""
+        fill = self._running.get(image_id)
+        if fill is not None:
+            self._for_a_caller(fill)
+        return fill
+
+    def _for_a_caller(self, fill: Fill) -> None:
+        if fill.ticket.priority is Priority.WARM:
+            fill.ticket.priority = Priority.CALLER
+            self.limits.poke()  # if it is queued for a slot, it looks again, as a caller's
 
     def running(self) -> list[Fill]:
         return list(self._running.values())
@@ -234,17 +261,22 @@ class Fills:
     def candidates(self, image_id: str) -> list[Tier]:
         return self.tiers.candidates(self.excluded(image_id))
 
-    def start(self, image: ImageInfo, creds: Credentials | None) -> tuple[Fill, bool]:
+    def start(
+        self, image: ImageInfo, creds: Credentials | None, priority: Priority = Priority.CALLER
+    ) -> tuple[Fill, bool]:
         """The running fill of this image, or a new one, and whether it is new. Never awaits:
         no two can start. The image must be cacheable: a size and a hash to verify it against.
+        A caller joining a warm raises the fill to the caller's priority.
         """
         fill = self._running.get(image.id)
         if fill is not None:
+            if priority is Priority.CALLER:
+                self._for_a_caller(fill)
             return fill, False
         verifier = image.verifier()
         if not image.size or verifier is None:
             raise ValueError(f"image {image.id} has no size or hash to verify a fill against")
-        fill = Fill(image, image.size, verifier)
+        fill = Fill(image, image.size, verifier, priority)
         self._running[image.id] = fill
         self.metrics.inflight_fills.inc()
         fill.task = asyncio.create_task(self._run(fill, creds), name=f"fill-{image.id}")
@@ -256,6 +288,9 @@ class Fills:
         part: Partial | None = None
         shutdown = False
         try:
+            # Before any disk space is reserved: a fill that will not run evicts nothing.
+            tiers = [t.name for t in self.candidates(fill.image.id)]
+            await self.limits.admission(tiers, fill.ticket, may_wait=False)
             kept = await self.local.take_partial(fill.image.id, fill.size, fill.verifier)
             part = Partial(fill.image.id, kept)  # from here on, discarded with the fill
             # A kept partial's bytes are on disk already (fallocated), counted until now.
@@ -324,6 +359,8 @@ class Fills:
             return "ok"
         if isinstance(fill.error, IntegrityError):
             return "integrity"
+        if isinstance(fill.error, TiersBusy):
+            return "busy"
         if isinstance(fill.error, NoRoom) or (
             isinstance(fill.error, StoreError) and not fill.landed
         ):
@@ -350,7 +387,8 @@ class Fills:
                      fill.image.id, have.total)  # fmt: skip
             sink.resume(have)  # readers get the prefix at once; the hash reads it from disk
         fetch = Fetch(fill.image, fill.size, sink, self.tiers, self.candidates(fill.image.id),
-                      creds, self.metrics, fill.provenance, have)  # fmt: skip
+                      creds, self.metrics, fill.provenance, self.limits, fill.ticket,
+                      have)  # fmt: skip
         try:
             await fetch.run()
         finally:

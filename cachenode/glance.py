@@ -155,6 +155,7 @@ class ImageInfo:
     tags: tuple[str, ...] = ()
     properties: dict[str, str] = field(default_factory=dict)
     locations: tuple[str, ...] = ()
+    name: str | None = None  # for people (the CLI's progress bars), never for a decision
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ImageInfo:
@@ -173,6 +174,7 @@ class ImageInfo:
                 k: str(v) for k, v in doc.items() if k not in _CORE_FIELDS and v is not None
             },
             locations=tuple(dict.fromkeys(u for u in urls if isinstance(u, str))),
+            name=str(doc["name"]) if doc.get("name") else None,
         )
 
     def verifier(self) -> tuple[str, str] | None:

@@ -1,8 +1,8 @@
 """The janitor: keeps L1 within its policy, and warms what the policy wants warm.
 
-Eviction runs every ``interval`` seconds and before every fill (``make_room``), under one lock so
-two plans never race. The plan itself is a pure function (``cachenode.policy.plan``); this module
-only gathers its inputs and carries it out. Warming asks Glance, with the service credentials, for
+Eviction runs every ``interval`` seconds and before every fill (``make_room``). The plan itself is
+a pure function (``cachenode.policy.plan_over``) over L1's index; this module only gathers its
+inputs and carries it out. Warming asks Glance, with the service credentials, for
 the images the policy selects (by id, tag or property) and fills those not in L1, one at a time.
 """
 
@@ -20,9 +20,10 @@ from cachenode.errors import CachenodeError
 from cachenode.fill import Fills
 from cachenode.glance import GlanceClient, ImageInfo
 from cachenode.identity import ServiceIdentity
+from cachenode.limits import Priority
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.policy import Plan, Policy, Usage, plan
+from cachenode.policy import Plan, Policy, Usage, plan_over
 from cachenode.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,14 @@ class Janitor:
         self.metrics = metrics
         self.interval = interval
         self.clock = clock
-        self._lock = asyncio.Lock()
+        if local.policy != policy:
+            raise ValueError("the janitor must apply the policy L1's index is ordered by")
 
     async def make_room(self, needed: int) -> bool:
         """Evict what the policy allows so that ``needed`` more bytes fit; whether they do.
 
-        All or nothing (``policy.plan``): when they cannot fit, nothing is evicted, and the fill
-        that asked is passed through.
+        All or nothing (``policy.plan_over``): when they cannot fit, nothing is evicted, and the
+        fill that asked is passed through.
         """
         fits = await self.sweep(needed)
         if not fits:
@@ -57,27 +59,31 @@ class Janitor:
         return fits
 
     async def sweep(self, needed: int = 0) -> bool:
-        async with self._lock:
-            # Partials a previous run left (cachenode.journal) count as cache bytes, last a day
-            # at most, and go before any entry would be evicted for room.
-            await self.local.drop_partials(older_than=self.clock() - journal.KEEP_FOR)
-            result, usage = await self._plan(needed)
-            if self.local.kept and (not result.fits or _for_room(result)):
-                await self.local.drop_partials()
-                result, usage = await self._plan(needed)
-            for eviction in result.evictions:
-                await self.local.evict(eviction.image_id, eviction.reason)
-            self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
-            if result.evictions:
-                await self.local.usage()  # refresh disk_free_bytes
-            return result.fits
+        """Plan over L1's index and carry the plan out; whether ``needed`` more bytes fit.
 
-    async def _plan(self, needed: int) -> tuple[Plan, Usage]:
+        The plan and the claim of its entries run with no await in between (``Local.claim``),
+        so two sweeps never choose the same entry or count bytes another already freed; each
+        then waits only for the removal of its own evictions. A plan reads about as many
+        entries as it evicts (``cachenode.index``), however many L1 holds.
+
+        Partials a previous run left (``cachenode.journal``) count as cache bytes, last a day at
+        most, and all go before any entry would be evicted for room.
+        """
+        await self.local.drop_partials(older_than=self.clock() - journal.KEEP_FOR)
+        usage = await self._usage()
+        result = plan_over(self.local.index, self.policy, usage, self.clock(), needed)
+        if self.local.kept and (not result.fits or _for_room(result)):
+            await self.local.drop_partials()
+            usage = await self._usage()
+            result = plan_over(self.local.index, self.policy, usage, self.clock(), needed)
+        claimed = self.local.claim((e.image_id, e.reason) for e in result.evictions)
+        self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
+        await self.local.remove(claimed)
+        return result.fits
+
+    async def _usage(self) -> Usage:
         usage = await self.local.usage()
-        usage = replace(usage, cache_bytes=usage.cache_bytes + self.local.kept_bytes)
-        entries = await self.local.entries()
-        pins = await self.local.pins()
-        return plan(entries, self.policy, usage, self.clock(), needed, pins), usage
+        return replace(usage, cache_bytes=usage.cache_bytes + self.local.kept_bytes)
 
     async def run(self, warmer: Warmer | None) -> None:
         """Sweep every ``interval``, warm every ``warm_interval``, until cancelled."""
@@ -99,7 +105,8 @@ def _for_room(result: Plan) -> bool:
 
 
 class Warmer:
-    """Fills images before anyone asks, with the service credentials.
+    """Fills images before anyone asks, with the service credentials, at low priority: a warm
+    never takes a tier's last fill slot nor rate a caller's fill could use (``cachenode.limits``).
 
     ``activated`` warms an image Glance has just published (its ``image.activate`` notification)
     when the policy selects it, after a random delay of up to ``warm.jitter``: every node of a
@@ -152,7 +159,7 @@ class Warmer:
             return "not cacheable"
         if not self.policy.admits(image.size, (await self.local.usage()).disk_total):
             return "larger than max_object_size"
-        self.fills.start(image, await self.identity.credentials())
+        self.fills.start(image, await self.identity.credentials(), Priority.WARM)
         return "filling"
 
     async def warm_policy(self) -> None:

@@ -1,8 +1,9 @@
 """L1: the catalog and the blob files together, seen from async code.
 
 Every disk and SQLite call runs in the default executor; the event loop never blocks on them.
-A hit is an open file object: once open, the image can be evicted (its blob unlinked) and the
-caller still reads all of it.
+What L1 holds is known in memory (``cachenode.index``), so a hit on a recent image, a miss and a
+plan run no thread and read no SQLite. A hit is an open file object: once open, the image can be
+evicted (its blob unlinked) and the caller still reads all of it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import contextlib
 import hashlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -23,11 +24,14 @@ from cachenode import crash, journal
 from cachenode.blobs import BlobStore
 from cachenode.catalog import Catalog, Entry
 from cachenode.errors import StoreError
+from cachenode.index import Index
 from cachenode.metrics import Metrics
-from cachenode.policy import Usage
+from cachenode.policy import Policy, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+HELD_BLOBS = 128  # blobs held open for hits; far below any descriptor limit a host sets
 
 
 class Partial:
@@ -85,31 +89,69 @@ async def finish(aw: Awaitable[T]) -> T:
 
 
 class Local:
-    def __init__(self, root: Path, metrics: Metrics) -> None:
+    """L1 from async code. The index in memory (``cachenode.index``) answers every question
+    about what L1 holds; the catalog is read at start and written when L1 changes: a commit, an
+    eviction, a pin, and in batches the access times of hits (``flush``).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        metrics: Metrics,
+        policy: Policy | None = None,
+        flush_interval: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.root = root
         self.metrics = metrics
+        self.policy = policy or Policy(name="default")
+        self.flush_interval = flush_interval
+        self.clock = clock
         self.blobs = BlobStore(root)
         self.catalog = Catalog(root / "catalog")
-        self.total_bytes = 0
-        self.total_entries = 0
-        self._ids: dict[str, int] = {}  # the catalog's entries and sizes, in memory
+        self.index = Index(self.policy)
+        self.freeing = 0  # bytes of entries out of the index whose blobs are not removed yet
+        self._held: OrderedDict[str, int] = OrderedDict()  # open blobs of recent hits
+        self._evicting: dict[str, asyncio.Event] = {}  # set once the image's eviction is done
+        self._flusher: asyncio.Task[None] | None = None
         self.kept: dict[str, journal.Kept] = {}  # partials of a previous run, not adopted yet
-        self._totals = threading.Lock()  # commits and evictions run on different executor threads
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args))
 
-    async def start(self) -> None:
-        """Make disk and catalog agree after whatever happened before (a crash, a kill -9)."""
-        await self._run(self._reconcile)
+    @property
+    def total_bytes(self) -> int:
+        return self.index.total_bytes
 
-    def _reconcile(self) -> None:
+    @property
+    def total_entries(self) -> int:
+        return len(self.index)
+
+    async def start(self) -> None:
+        """Make disk and catalog agree after whatever happened before (a crash, a kill -9), read
+        the catalog into the index, and write access times every ``flush_interval``."""
+        entries, pins = await self._run(self._reconcile)
+        self.index.load(entries, pins)
+        self._publish()
+        await self._run(self._publish_disk)
+        self._flusher = asyncio.create_task(self._flush_every(), name="l1-flush")
+
+    async def stop(self) -> None:
+        """Write the last access times and close the catalog."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush()
+        self.close()
+
+    def _reconcile(self) -> tuple[list[Entry], frozenset[str]]:
         kept, gone = journal.scan(self.blobs.partial_dir, time.time())
         for path, why in gone:
             log.info("removed %s of an interrupted fill: %s", path.name, why)
             path.unlink(missing_ok=True)
         on_disk = self.blobs.committed()
-        ids: dict[str, int] = {}
+        entries: list[Entry] = []
         for entry in list(self.catalog.entries()):
             size = on_disk.pop(entry.image_id, None)
             if size != entry.size:
@@ -119,76 +161,113 @@ class Local:
                 if size is not None:
                     self.blobs.remove(entry.image_id)
                 continue
-            ids[entry.image_id] = entry.size
+            entries.append(entry)
         for orphan in on_disk:
             # Renamed into place but the catalog record never written (a crash in between):
             # the bytes were verified, but without the record we cannot prove it; refill.
             log.warning("blob %s has no catalog entry; removing it", orphan)
             self.blobs.remove(orphan)
-        for image_id in kept.keys() & ids.keys():
+        for image_id in kept.keys() & {e.image_id for e in entries}:
             journal.remove([kept.pop(image_id)])  # filled since: the entry is what counts
         for k in kept.values():
             log.info("kept %d bytes of the interrupted fill of %s", k.record.recorded, k.image_id)
         self.kept = kept
-        with self._totals:
-            self._ids, self.total_bytes, self.total_entries = ids, sum(ids.values()), len(ids)
-        self._publish()
+        return entries, self.catalog.pins()
 
     def __contains__(self, image_id: str) -> bool:
-        """Whether L1 holds the image, without a disk access (an in-memory index of the catalog)."""
-        return image_id in self._ids
-
-    def _count(self, image_id: str, size: int, added: bool) -> None:
-        with self._totals:
-            self.total_bytes -= self._ids.pop(image_id, 0)
-            if added:
-                self._ids[image_id] = size
-                self.total_bytes += size
-            self.total_entries = len(self._ids)
-        self._publish()
+        """Whether L1 holds the image, without a disk access."""
+        return image_id in self.index
 
     def _publish(self) -> None:
-        self.metrics.cache_bytes.set(self.total_bytes)
-        self.metrics.cache_entries.set(self.total_entries)
-        # A transient failure to read the filesystem only delays the gauge.
-        with contextlib.suppress(OSError):
-            self.metrics.disk_free.set(self.blobs.disk_usage()[1])
+        self.metrics.cache_bytes.set(self.index.total_bytes)
+        self.metrics.cache_entries.set(len(self.index))
 
     async def lookup(self, image_id: str) -> tuple[Entry, IO[bytes]] | None:
-        """The entry and its open blob, or None. Records the hit for LRU/LFU."""
-        if image_id not in self._ids:
-            return None  # a miss costs no disk access
-        return await self._run(self._lookup, image_id)
+        """The entry and its open blob, or None; records the hit (in memory, see ``flush``).
 
-    def _lookup(self, image_id: str) -> tuple[Entry, IO[bytes]] | None:
-        entry = self.catalog.get(image_id)
+        The blobs of recent hits are held open (``HELD_BLOBS``, as nginx's ``open_file_cache``):
+        a hit on one of them reads no disk and runs no thread, only a ``dup`` of its descriptor.
+        """
+        entry = self.index.get(image_id)
         if entry is None:
-            log.warning("L1 index had %s but the catalog does not; dropping it", image_id)
-            self._count(image_id, 0, added=False)
-            return None
-        try:
-            fobj = open(self.blobs.path(image_id), "rb")  # noqa: SIM115 - the caller closes it
-        except FileNotFoundError:
-            self._drop(entry, "its blob is missing")
-            return None
-        except OSError as exc:
-            raise StoreError(f"cannot open the blob of {image_id}: {exc.strerror}") from exc
-        try:
-            if os.fstat(fobj.fileno()).st_size != entry.size:
-                fobj.close()
-                self._drop(entry, "its blob has the wrong size")
+            return None  # a miss costs no disk access
+        fobj = self._open_held(image_id)
+        if fobj is None:
+            opened = await self._run(self._open, entry)
+            current = self.index.get(image_id)
+            if current is None or current.created != entry.created:
+                # Evicted (or evicted and filled again) while the thread opened it: a miss.
+                if not isinstance(opened, str):
+                    opened.close()
                 return None
-            self.catalog.touch(image_id)
-            crash.point("touch.cataloged")
-        except BaseException:
-            fobj.close()
-            raise
+            if isinstance(opened, str):
+                log.error("L1 entry %s dropped: %s", image_id, opened)
+                await self.evict(image_id, "inconsistent")  # and the caller is filled again
+                return None
+            fobj = opened
+            self._hold(image_id, fobj)
+        self.index.touch(image_id, self.clock())
         return entry, fobj
 
-    def _drop(self, entry: Entry, why: str) -> None:
-        """L1 disagrees with itself about an entry: it goes, and the caller is filled again."""
-        log.error("L1 entry %s dropped: %s", entry.image_id, why)
-        self._evict(entry.image_id, "inconsistent")
+    def _open(self, entry: Entry) -> IO[bytes] | str:
+        """The entry's blob, open; or why L1 disagrees with itself about it."""
+        try:
+            fobj = open(self.blobs.path(entry.image_id), "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            return "its blob is missing"
+        except OSError as exc:
+            raise StoreError(f"cannot open the blob of {entry.image_id}: {exc.strerror}") from exc
+        if os.fstat(fobj.fileno()).st_size != entry.size:
+            fobj.close()
+            return "its blob has the wrong size"
+        return fobj
+
+    def _open_held(self, image_id: str) -> IO[bytes] | None:
+        fd = self._held.get(image_id)
+        if fd is None:
+            return None
+        self._held.move_to_end(image_id)
+        return os.fdopen(os.dup(fd), "rb")
+
+    def _hold(self, image_id: str, fobj: IO[bytes]) -> None:
+        if image_id in self._held:
+            return
+        self._held[image_id] = os.dup(fobj.fileno())
+        if len(self._held) > HELD_BLOBS:
+            # Its blob is still linked: closing the descriptor frees nothing on disk, at once.
+            os.close(self._held.popitem(last=False)[1])
+
+    def _release(self, image_id: str) -> None:
+        """Stop holding the blob open; called before it is unlinked, so the close is cheap."""
+        fd = self._held.pop(image_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    async def flush(self) -> None:
+        """Write the access times of the entries hit since the last flush, in one transaction.
+
+        One SQLite write per hit would cost every hit more than serving it. A crash loses the
+        access times of at most the last ``flush_interval``: the entries stay, their LRU/LFU
+        rank is a few seconds older. A catalog that cannot be written keeps them for next time.
+        """
+        dirty = self.index.take_dirty()
+        if not dirty:
+            return
+        try:
+            await finish(self._run(self._write_access, dirty))
+        except StoreError as exc:
+            self.index.mark_dirty(dirty)
+            log.warning("access times of %d L1 entries not written, kept for the next try: %s",
+                        len(dirty), exc)  # fmt: skip
+
+    def _write_access(self, entries: list[Entry]) -> None:
+        self.catalog.record_access(entries)
+        crash.point("touch.cataloged")
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
 
     async def verify(self, entry: Entry) -> bool:
         """Re-hash the entry's blob (in the executor); whether it still matches its record."""
@@ -204,25 +283,30 @@ class Local:
         return size == entry.size and digest.hexdigest() == entry.hash_value
 
     async def get(self, image_id: str) -> Entry | None:
-        return await self._run(self.catalog.get, image_id)
+        return self.index.get(image_id)
 
     async def entries(self) -> list[Entry]:
-        return await self._run(lambda: list(self.catalog.entries()))
+        return self.index.entries()
 
     async def pins(self) -> frozenset[str]:
-        return await self._run(self.catalog.pins)
+        return self.index.pins
 
     async def pin(self, image_id: str) -> None:
         await self._run(self.catalog.pin, image_id)
+        self.index.pin(image_id)
 
     async def unpin(self, image_id: str) -> bool:
-        return await self._run(self.catalog.unpin, image_id)
+        was = await self._run(self.catalog.unpin, image_id)
+        self.index.unpin(image_id)
+        return was
 
     async def usage(self) -> Usage:
-        """Bytes in L1 and the state of the filesystem under it."""
+        """Bytes in L1 and the state of the filesystem under it, counting as free the blobs of
+        evictions under way (planned, not unlinked yet)."""
         total, free = await self._run(self.blobs.disk_usage)
         self.metrics.disk_free.set(free)
-        return Usage(cache_bytes=self.total_bytes, disk_total=total, disk_free=free)
+        return Usage(cache_bytes=self.index.total_bytes, disk_total=total,
+                     disk_free=free + self.freeing)  # fmt: skip
 
     @property
     def kept_bytes(self) -> int:
@@ -294,7 +378,12 @@ class Local:
         """Make ``part`` the image's entry. Takes its write descriptor, closed whatever happens;
         on failure nothing of the entry is left (no blob without its record)."""
         assert part.path is not None
+        while (evicting := self._evicting.get(entry.image_id)) is not None:
+            await evicting.wait()  # the eviction of its previous entry must not remove this one
         await self._run(self._commit, part.path, part.take(), entry, part.journal)
+        self._release(entry.image_id)
+        self.index.add(entry)
+        self._publish()
 
     def _commit(self, path: Path, fd: int, entry: Entry, log: Path | None = None) -> None:
         try:
@@ -311,7 +400,7 @@ class Local:
         if log is not None:
             with contextlib.suppress(OSError):  # an orphan journal is removed at start anyway
                 log.unlink(missing_ok=True)
-        self._count(entry.image_id, entry.size, added=True)
+        self._publish_disk()
 
     async def discard(self, part: Partial) -> None:
         """Close what ``part`` still owns and remove its file (gone already after a commit) and
@@ -331,26 +420,79 @@ class Local:
 
     async def evict(self, image_id: str, reason: str) -> int:
         """Remove an entry; returns the bytes freed (0 when it was not there)."""
-        return await self._run(self._evict, image_id, reason)
+        return await self.remove(self.claim([(image_id, reason)]))
 
-    def _evict(self, image_id: str, reason: str) -> int:
-        entry = self.catalog.get(image_id)
-        if entry is None:
+    def claim(self, chosen: Iterable[tuple[str, str]]) -> list[tuple[Entry, str]]:
+        """Take entries (image id, reason) out of the index, at once: no hit serves them from
+        now on, and no plan made meanwhile counts or chooses them again. ``remove`` them next.
+
+        Synchronous on purpose: a plan and its claim happen with no await in between, so plans
+        never race and need no lock, and a fill never waits for another fill's evictions.
+        """
+        claimed = []
+        for image_id, reason in chosen:
+            entry = self.index.remove(image_id)
+            if entry is not None:
+                self._release(image_id)
+                self.freeing += entry.size
+                claimed.append((entry, reason))
+        self._publish()
+        return claimed
+
+    async def remove(self, claimed: list[tuple[Entry, str]]) -> int:
+        """Remove claimed entries from the catalog and the disk, in one thread; the bytes freed.
+        An entry whose record cannot be removed goes back into the index (StoreError raised)."""
+        if not claimed:
             return 0
-        self.catalog.delete(image_id)
-        # The index follows the catalog: without its record the blob is never served again, so
-        # the entry is gone even if the blob below cannot be removed (start-up removes it then).
-        self._count(image_id, entry.size, added=False)
-        self.metrics.evictions.labels(reason).inc()
-        self.metrics.evicted_bytes.inc(entry.size)
-        crash.point("evict.uncataloged")
+        done = asyncio.Event()
+        for entry, _ in claimed:
+            self._evicting[entry.image_id] = done
         try:
-            self.blobs.remove(image_id)
-        except StoreError as exc:
-            log.error("evicted %s, but its blob stays until the next start: %s", image_id, exc)
-        crash.point("evict.removed")
-        log.info("evicted %s (%d bytes): %s", image_id, entry.size, reason)
-        return entry.size
+            kept = await finish(self._run(self._uncatalog, claimed))
+        finally:
+            for entry, _ in claimed:
+                self.freeing -= entry.size
+                if self._evicting.get(entry.image_id) is done:
+                    del self._evicting[entry.image_id]
+            done.set()
+        for entry in kept:
+            self.index.add(entry)
+        self._publish()
+        if kept:
+            raise StoreError(f"catalog: {len(kept)} entries could not be evicted")
+        return sum(entry.size for entry, _ in claimed)
+
+    def _uncatalog(self, claimed: list[tuple[Entry, str]]) -> list[Entry]:
+        """Each record, then its blob; the entries whose record stays (the catalog failed)."""
+        kept = []
+        for entry, reason in claimed:
+            try:
+                self.catalog.delete(entry.image_id)
+            except StoreError as exc:
+                log.error("cannot evict %s: %s", entry.image_id, exc)
+                kept.append(entry)
+                continue
+            # Without its record the blob is never served again, so the entry is gone even if
+            # the blob below cannot be removed (start-up removes it then).
+            self.metrics.evictions.labels(reason).inc()
+            self.metrics.evicted_bytes.inc(entry.size)
+            crash.point("evict.uncataloged")
+            try:
+                self.blobs.remove(entry.image_id)
+            except StoreError as exc:
+                log.error("evicted %s, but its blob stays until the next start: %s",
+                          entry.image_id, exc)  # fmt: skip
+            crash.point("evict.removed")
+            log.info("evicted %s (%d bytes): %s", entry.image_id, entry.size, reason)
+        self._publish_disk()
+        return kept
+
+    def _publish_disk(self) -> None:
+        # A transient failure to read the filesystem only delays the gauge.
+        with contextlib.suppress(OSError):
+            self.metrics.disk_free.set(self.blobs.disk_usage()[1])
 
     def close(self) -> None:
+        for image_id in list(self._held):
+            self._release(image_id)
         self.catalog.close()

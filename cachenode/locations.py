@@ -17,8 +17,9 @@ where the object is. ``GET /v2/images/ID/locations`` does, but only to an identi
 - Answers are kept per image: a found list until the image changes (``forget``, from Glance's
   notifications), the tier finds no object where it says (``forget``, from the tier), or the
   bound pushes it out; a refusal for ``REFUSED_TTL``, so an identity without the roles costs one
-  call per image every five minutes, not one per fill; a failure is not kept. Concurrent lookups
-  of one image are one call.
+  call per image every five minutes, not one per fill; a failure (Glance down or slow) for
+  ``FAILED_TTL``, so the ranged requests of a parallel fill do not each wait out Glance's
+  timeout. Concurrent lookups of one image are one call.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 class Locator:
     MAX_IMAGES = 10_000
     REFUSED_TTL = 300.0
+    FAILED_TTL = 30.0
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class Locator:
         except GlanceUnavailable as exc:
             self._count("failed")
             log.warning("locations of %s: %s; reading the single-tenant layout", image_id, exc)
+            self._keep(image_id, (), self.FAILED_TTL)
             return ()
         self._count("answered")
         self._keep(image_id, urls, math.inf)

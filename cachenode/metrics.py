@@ -19,13 +19,13 @@ _FILL = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 STATUSES = ("hit", "miss", "joined", "bypass", "denied", "error")
 AUTHZ = ("allowed", "cached", "stale", "denied", "undecided", "error")
-FILL_OUTCOMES = ("ok", "integrity", "error", "no_room")
+FILL_OUTCOMES = ("ok", "integrity", "error", "no_room", "busy")
 TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_found",
                  "bad_location", "credentials")  # fmt: skip
 EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsistent")
 PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
                "no_tier", "tier_failed", "no_room", "store_error", "undecided",
-               "repeated_credentials", "ambiguous_headers")  # fmt: skip
+               "repeated_credentials", "ambiguous_headers", "tiers_busy")  # fmt: skip
 # Glance's notifications (cachenode.notifications): every event counted, with the actions it can get
 NOTIFICATIONS = {
     "image.delete": ("evict",),
@@ -84,6 +84,12 @@ class Metrics:
         )
         self.tier_failures = Counter(
             p + "tier_failures", "Tier errors by tier and kind", ["tier", "kind"], registry=r
+        )
+        self.tier_rate_limited = Counter(
+            p + "tier_rate_limited_seconds",
+            "Seconds fills waited on a tier's max_rate, summed over a fill's parallel requests",
+            ["tier"],
+            registry=r,
         )
         self.evictions = Counter(
             p + "evictions", "Entries removed from L1 by reason", ["reason"], registry=r
@@ -159,6 +165,7 @@ class Metrics:
             self.served_bytes.labels(tier)
             self.upstream_bytes.labels(tier)
             self.integrity_failures.labels(tier)
+            self.tier_rate_limited.labels(tier)
             for outcome in FILL_OUTCOMES:
                 self.fills.labels(tier, outcome)
             for kind in TIER_FAILURES:

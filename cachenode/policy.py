@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
@@ -193,10 +195,43 @@ class Plan:
     fits: bool  # after them, ``needed`` more bytes fit within the policy and on the disk
 
 
-def is_pinned(policy: Policy, entry: Entry, pins: frozenset[str] = frozenset()) -> bool:
+def is_pinned(policy: Policy, entry: Entry, pins: AbstractSet[str] = frozenset()) -> bool:
     return entry.image_id in pins or policy.pin.matches(
         entry.image_id, entry.tags, entry.properties
     )
+
+
+class Candidates(Protocol):
+    """The entries a plan may evict (never a pinned one), walked lazily: a plan reads only as
+    many as it evicts, plus one. ``cachenode.index.Index`` is the one L1 keeps."""
+
+    @property
+    def evictable_bytes(self) -> int:
+        """The sum of every candidate's size."""
+        ...
+
+    def in_order(self) -> Iterator[Entry]:
+        """Every candidate, in the policy's order: first evicted first."""
+        ...
+
+    def least_recent(self) -> Iterator[Entry]:
+        """Every candidate by ``EVICTION_ORDER["lru"]``: least recently served first."""
+        ...
+
+
+class Ranked:
+    """Candidates from a list of entries, sorted once (what ``plan`` walks)."""
+
+    def __init__(self, entries: Iterable[Entry], policy: Policy, pins: AbstractSet[str]) -> None:
+        self._entries = [e for e in entries if not is_pinned(policy, e, pins)]
+        self._order = policy.order
+        self.evictable_bytes = sum(e.size for e in self._entries)
+
+    def in_order(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries, key=EVICTION_ORDER[self._order]))
+
+    def least_recent(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries, key=EVICTION_ORDER["lru"]))
 
 
 def plan(
@@ -205,40 +240,45 @@ def plan(
     usage: Usage,
     now: float,
     needed: int = 0,
-    pins: frozenset[str] = frozenset(),
+    pins: AbstractSet[str] = frozenset(),
+) -> Plan:
+    """``plan_over`` the given entries, those pinned by ``policy`` or ``pins`` left out."""
+    return plan_over(Ranked(entries, policy, pins), policy, usage, now, needed)
+
+
+def plan_over(
+    candidates: Candidates, policy: Policy, usage: Usage, now: float, needed: int = 0
 ) -> Plan:
     """What to evict so that the cache keeps to ``policy`` with ``needed`` more bytes in it.
 
-    Pinned entries are never chosen (fills are not entries yet: never chosen either). Idle
-    entries (``max_idle``) go first; then, in the policy's order, entries until the cache is
-    under ``low_watermark`` of ``max_bytes`` (once it passed ``high_watermark``) and the
-    filesystem keeps ``min_free_disk`` free.
+    Only ``candidates`` are chosen: pinned entries are not among them (fills are not entries
+    yet: never chosen either). Idle entries (``max_idle``) go first; then, in the policy's order,
+    entries until the cache is under ``low_watermark`` of ``max_bytes`` (once it passed
+    ``high_watermark``) and the filesystem keeps ``min_free_disk`` free.
 
     An image is admitted whole or not at all: when ``needed`` bytes are over ``max_object_size``,
-    or would not fit even with every evictable entry gone, the plan evicts nothing and does not
-    fit. Such an image is passed through anyway, so evicting for it would only empty the cache.
+    or would not fit even with every candidate gone, the plan evicts nothing and does not fit.
+    Such an image is passed through anyway, so evicting for it would only empty the cache. Both
+    are known before any candidate is read, so a plan costs what it evicts, never a walk of all.
     """
     if needed and not policy.admits(needed, usage.disk_total):
         return Plan((), fits=False)
-    result = _greedy(entries, policy, usage, now, needed, pins)
-    if needed and not result.fits:
-        # _greedy misses only once it has chosen every evictable entry: no other choice fits.
+    if needed and not _fits(policy, usage, needed, freed=candidates.evictable_bytes):
         return Plan((), fits=False)
-    return result
+    return _greedy(candidates, policy, usage, now, needed)
 
 
-def _greedy(
-    entries: Iterable[Entry],
-    policy: Policy,
-    usage: Usage,
-    now: float,
-    needed: int,
-    pins: frozenset[str],
-) -> Plan:
+def _fits(policy: Policy, usage: Usage, needed: int, freed: int) -> bool:
+    """Whether ``needed`` more bytes keep to the policy and the disk once ``freed`` bytes went."""
     capacity = policy.max_bytes.resolve(usage.disk_total)
     min_free = policy.min_free_disk.resolve(usage.disk_total)
-    candidates = sorted((e for e in entries if not is_pinned(policy, e, pins)),
-                        key=EVICTION_ORDER[policy.order])  # fmt: skip
+    total, free = usage.cache_bytes - freed, usage.disk_free + freed
+    return total + needed <= capacity and free - needed >= min_free
+
+
+def _greedy(candidates: Candidates, policy: Policy, usage: Usage, now: float, needed: int) -> Plan:
+    capacity = policy.max_bytes.resolve(usage.disk_total)
+    min_free = policy.min_free_disk.resolve(usage.disk_total)
     chosen: dict[str, Eviction] = {}
     total, free = usage.cache_bytes, usage.disk_free
 
@@ -249,18 +289,23 @@ def _greedy(
         free += entry.size
 
     if policy.max_idle is not None:
-        for entry in candidates:
-            if now - entry.last_access > policy.max_idle:
-                evict(entry, "idle")
+        # By last access, the idle ones come first: the walk stops at the first one in use.
+        idle = []
+        for entry in candidates.least_recent():
+            if now - entry.last_access <= policy.max_idle:
+                break
+            idle.append(entry)
+        for entry in sorted(idle, key=EVICTION_ORDER[policy.order]):
+            evict(entry, "idle")
     if total + needed > capacity * policy.high_watermark:
-        staying = total - sum(e.size for e in candidates if e.image_id not in chosen)
+        staying = total - (candidates.evictable_bytes - (usage.cache_bytes - total))
         target = size_target(policy, capacity, staying + needed)
-        for entry in candidates:
+        for entry in candidates.in_order():
             if total + needed <= target:
                 break
             if entry.image_id not in chosen:
                 evict(entry, "size")
-    for entry in candidates:
+    for entry in candidates.in_order():
         if free - needed >= min_free:
             break
         if entry.image_id not in chosen:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
 
+from cachenode import activation
 from cachenode.admin import Admin
 from cachenode.authz import Authorizer
 from cachenode.config import Config
@@ -30,7 +32,8 @@ class Sidecar:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.local = Local(config.cache_dir, self.metrics)
+        self.local = Local(config.cache_dir, self.metrics, config.policy,
+                           config.access_flush_interval)  # fmt: skip
         self.ready = False
         self._runners: list[web.AppRunner] = []
         self._pools: Pools | None = None
@@ -41,6 +44,10 @@ class Sidecar:
     async def start(self) -> None:
         cfg = self.config
         logging.getLogger("aiohttp.server").addFilter(UnparsableRequests())
+        # Sockets systemd passed are taken first: one it should not have passed stops the start
+        # before anything is opened.
+        wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
+        passed = await asyncio.to_thread(activation.inherited, wanted)
         await self.local.start()
         # One pool for calls of one round trip, one for image data (see Pools).
         self._pools = Pools.open(cfg.glance_timeout)
@@ -64,14 +71,15 @@ class Sidecar:
         admin = Admin(self.metrics, self.local, self.fills, self.janitor, warmer, cfg.policy,
                       cfg.admin_token, lambda: self.ready,
                       self._listen_notifications(authz, warmer))  # fmt: skip
-        await self._listen(admin.app(), cfg.admin_listen)
-        await self._listen(plane.app(), cfg.listen)
+        await self._listen(admin.app(), cfg.admin_listen, passed.get("admin.listen"))
+        await self._listen(plane.app(), cfg.listen, passed.get("listen"))
         self._janitor_task = asyncio.create_task(self.janitor.run(warmer), name="janitor")
         self.ready = True
         log.info(
-            "cachenode serving on %s:%d (admin %s:%d), glance %s, tiers %s, policy %s",
+            "cachenode serving on %s:%d (admin %s:%d%s), glance %s, tiers %s, policy %s",
             *cfg.listen,
             *cfg.admin_listen,
+            ", sockets from systemd: " + " ".join(sorted(passed)) if passed else "",
             cfg.glance_url,
             ",".join(t.name for t in cfg.tiers) or "none",
             cfg.policy.name,
@@ -102,12 +110,21 @@ class Sidecar:
 
         return forget
 
-    async def _listen(self, app: web.Application, address: tuple[str, int]) -> None:
-        # On SIGTERM, streams in flight get this long to finish before they are cut (the unit and
-        # the DaemonSet allow 30 s in all).
+    async def _listen(
+        self, app: web.Application, address: tuple[str, int], sock: socket.socket | None
+    ) -> None:
+        """Serve ``app`` on the socket systemd passed, else on ``address``. On SIGTERM the
+        listener closes first (systemd's copy of a passed socket stays open, so new connections
+        wait in its backlog for the next process), then streams in flight get this long to finish
+        before they are cut (the unit and the DaemonSet allow 30 s in all)."""
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=15.0)
         await runner.setup()
-        await web.TCPSite(runner, address[0], address[1], backlog=1024).start()
+        site = (
+            web.SockSite(runner, sock, backlog=1024)
+            if sock is not None
+            else web.TCPSite(runner, address[0], address[1], backlog=1024)
+        )
+        await site.start()
         self._runners.append(runner)
 
     async def stop(self) -> None:
@@ -122,4 +139,4 @@ class Sidecar:
         await self.tiers.close()
         if self._pools is not None:
             await self._pools.close()
-        self.local.close()
+        await self.local.stop()

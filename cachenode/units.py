@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -83,7 +84,10 @@ def parse_size(value: object, *, allow_percent: bool = False) -> Size:
             return Size(fraction=pct / 100)
         if m := _SIZE.match(text):
             unit = (m.group(2) or "B").lower()
-            return Size(bytes=int(float(m.group(1)) * _SIZE_UNITS[unit]))
+            nbytes = float(m.group(1)) * _SIZE_UNITS[unit]
+            if not math.isfinite(nbytes):  # int() of it would raise OverflowError, no ValueError
+                raise ValueError(f"too large: {text[:20]}...")
+            return Size(bytes=int(nbytes))
     raise ValueError(
         f"not a size: {value!r} (use bytes, 500MiB, 200GiB{', 10%' if allow_percent else ''})"
     )

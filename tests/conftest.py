@@ -14,6 +14,7 @@ from tests.support.keystone import KeystoneBed
 from tests.support.rabbit import Rabbit
 from tests.support.sidecar import Sidecar
 from tests.support.swift import Swift
+from tests.support.systemd import Sockets
 
 # glance_store writes an image uploaded without a length (chunked) as segments of this many MiB
 # plus a manifest; an image of known length below 5 GiB is one object.
@@ -104,8 +105,13 @@ def keystone_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeystoneB
 def sidecar_factory(tmp_path: Path, glance: Glance) -> Iterator[type]:
     started: list[Sidecar] = []
 
-    def make(name: str = "sidecar", glance_url: str | None = None, **config: object) -> Sidecar:
-        car = Sidecar(tmp_path / name, glance_url or glance.url, **config)
+    def make(
+        name: str = "sidecar",
+        glance_url: str | None = None,
+        sockets: Sockets | None = None,
+        **config: object,
+    ) -> Sidecar:
+        car = Sidecar(tmp_path / name, glance_url or glance.url, sockets, **config)
         started.append(car)
         return car
 

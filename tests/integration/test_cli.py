@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
+import uuid
 from pathlib import Path
 
 import requests
@@ -35,19 +40,46 @@ def cli(sidecar: Sidecar, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def on_a_terminal(sidecar: Sidecar, *args: str) -> tuple[int, bytes]:
+    """Run the CLI under a pseudo-terminal of 120 columns: its exit status and all it wrote."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachenode", *args, "-c", str(sidecar.config_path)],
+        stdout=terminal,
+        stderr=terminal,
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    return proc.wait(60), output
+
+
 def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sidecar = operated(sidecar_factory, tmp_path)
     plain = glance.create_image(2 << 20)
-    golden = [glance.create_image(1 << 20, tags=["golden"]) for _ in range(2)]
-    cirros = glance.create_image(1 << 20, os_distro="cirros-test")
+    tag = f"golden-{uuid.uuid4().hex[:8]}"  # the session's Glance holds other tests' images
+    golden = [glance.create_image(1 << 20, tags=[tag]) for _ in range(2)]
+    cirros = glance.create_image(1 << 20, os_distro=f"cirros-{tag}")
 
     warmed = cli(sidecar, "warm", plain.id)
     assert warmed.returncode == 0, warmed.stderr
     assert (
         warmed.stdout.strip() == f"{plain.id}  2.0MiB  cached"
     )  # not a terminal: one line, no bar
-    assert cli(sidecar, "warm", "--tag", "golden").returncode == 0
-    assert cli(sidecar, "warm", "--property", "os_distro=cirros-test").returncode == 0
+    tagged = cli(sidecar, "warm", "--tag", tag)  # several at once, a line as each ends
+    assert tagged.returncode == 0
+    assert sorted(tagged.stdout.splitlines()) == sorted(f"{g.id}  1.0MiB  cached" for g in golden)
+    assert cli(sidecar, "warm", "--property", f"os_distro=cirros-{tag}").returncode == 0
     wanted = {plain.id, cirros.id} | {g.id for g in golden}
     assert {b.name for b in sidecar.blobs()} == wanted
     for image in (plain, cirros, *golden):  # warmed bytes are served as hits, verified
@@ -77,30 +109,49 @@ def test_warm_ls_stats_pin_evict(glance: Glance, sidecar_factory, tmp_path: Path
     assert sidecar.metric("cachenode_evicted_bytes_total") == 5 << 20
 
 
-def test_warm_shows_a_progress_bar_on_a_terminal(
+def test_warm_shows_a_bar_per_image_on_a_terminal(
     glance: Glance, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
+    """Under a pseudo-terminal of 120 columns: a bar per image, named, with its rate and time
+    left, redrawn in place; each ends at 100% and cached.
+
+    The tier's limits make the warms last a few polls: max_fills 2 lets one warm run at a time
+    (the other slot is kept for callers), and at 3 MB/s the second image alone takes a second,
+    so the third is still waiting for a slot when the CLI first looks.
+    """
+    tier = {"name": "regional", "kind": "glance", "url": glance.url,
+            "max_fills": 2, "max_rate": "3MB"}  # fmt: skip
+    sidecar = operated(sidecar_factory, tmp_path, tiers=[tier])
+    names = ["ubuntu-golden", "cirros-golden", "debian-golden"]
+    images = [glance.create_image(3 << 20, tags=["bars"], name=n) for n in names]
+    status, output = on_a_terminal(sidecar, "warm", "--tag", "bars")
+    assert status == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode())
+    assert "\x1b[" in output.decode()  # drawn with cursor movements: a terminal's output
+    assert "waiting for a slot" in text
+    final = [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-3:]
+    for image, name in zip(images, names, strict=True):
+        (line,) = [line for line in final if name in line]
+        assert image.id[:8] in line and "100%" in line and "3.0/3.0 MiB" in line
+        assert line.rstrip().endswith("cached") and re.search(r"\d MB/s", line)  # its rate
+    assert {b.name for b in sidecar.blobs()} == {i.id for i in images}
+
+
+def test_warm_bars_show_an_image_name_as_text(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Any project names its images as it likes, and a shared image's name reaches the operator's
+    terminal: markup in it is shown as written (never a crash of the CLI), and an escape sequence
+    (here one that sets the terminal's title) is not passed to the terminal."""
     sidecar = operated(sidecar_factory, tmp_path)
-    image = glance.create_image(3 << 20)
-    controller, terminal = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cachenode", "warm", image.id, "-c", str(sidecar.config_path)],
-        stdout=terminal,
-        stderr=terminal,
-    )
-    os.close(terminal)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    assert proc.wait(60) == 0
+    name = "[/oops] [link=http://x]ok \x1b]0;pwned\x07"
+    image = glance.create_image(1 << 20, name=name)
+    status, output = on_a_terminal(sidecar, "warm", image.id)
     text = output.decode()
-    assert f"\r{image.id}  [" in text and "] 100%" in text and text.rstrip().endswith("cached")
+    assert status == 0, text
+    assert "\x1b]" not in text  # rich draws with CSI sequences only; no OSC got through
+    assert f"[/oops] [link=http://x]ok ?]0;pwned?  {image.id[:8]}" in text
+    assert {b.name for b in sidecar.blobs()} == {image.id}
 
 
 def test_verify_evicts_what_fails_its_hash(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

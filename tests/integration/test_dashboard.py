@@ -48,6 +48,7 @@ SPEC_METRICS = [
     "notifications_connected",
     "service_auth_renewals_total",
     "locations_lookups_total",
+    "tier_rate_limited_seconds_total",
 ]
 
 

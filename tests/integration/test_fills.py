@@ -72,7 +72,7 @@ async def fills_over(
     finally:
         await fills.close()
         await tiers.close()
-        local.close()
+        await local.stop()
 
 
 async def filled(fills: Fills, data: bytes) -> Fill:

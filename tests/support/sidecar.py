@@ -15,6 +15,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.systemd import Sockets
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,10 +25,20 @@ def free_port() -> int:
 
 
 class Sidecar:
-    def __init__(self, workdir: Path, glance_url: str, **config: Any) -> None:
+    """One sidecar's config and, once started, its process. With ``sockets`` it listens on the
+    sockets a stand-in for systemd holds (``tests/support/systemd.py``), as under the socket
+    unit; ``start`` after a stop is then a restart on the same sockets."""
+
+    def __init__(
+        self, workdir: Path, glance_url: str, sockets: Sockets | None = None, **config: Any
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port, self.admin_port = free_port(), free_port()
+        self.sockets = sockets
+        if sockets is not None:
+            self.port, self.admin_port = sockets.port, sockets.admin_port
+        else:
+            self.port, self.admin_port = free_port(), free_port()
         self.cache_dir = workdir / "cache"
         doc: dict[str, Any] = {
             "listen": f"127.0.0.1:{self.port}",
@@ -49,11 +61,16 @@ class Sidecar:
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, env: dict[str, str] | None = None) -> Sidecar:
+        command = [sys.executable, "-m", "cachenode", "serve", "-c", str(self.config_path)]
+        fds: tuple[int, ...] = ()
+        if self.sockets is not None:
+            command, fds = self.sockets.command(command)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cachenode", "serve", "-c", str(self.config_path)],
+                command,
                 stdout=log,
                 stderr=log,
+                pass_fds=fds,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         deadline = time.monotonic() + 20
@@ -63,8 +80,8 @@ class Sidecar:
             try:
                 if requests.get(self.admin_url + "/readyz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # on a held socket, a process still starting leaves the call in the backlog
             time.sleep(0.05)
         raise RuntimeError(f"cachenode did not become ready:\n{self.log()}")
 

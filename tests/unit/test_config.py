@@ -228,3 +228,46 @@ def test_a_swift_container_is_one_plain_segment(tmp_path: Path, name: str) -> No
     swift = {"name": "o", "kind": "swift", "url": "http://swift:8080/v1/AUTH_glance",
              "temp_url_key_file": str(key), "container": name}  # fmt: skip
     assert "tiers[0].container: not a container name" in error_of(config(tiers=[swift]))
+
+
+def tier(**keys: object) -> dict[str, Any]:
+    return config(
+        tiers=[
+            {"name": "regional", "kind": "glance", "url": "http://regional:9292"},
+            {"name": "origin", "kind": "http", "url": "http://origin", **keys},
+        ]
+    )
+
+
+def test_tier_limits_and_the_short_connect_timeout() -> None:
+    plain, limited = parse_config(tier(max_fills=4, max_rate="500MB")).tiers
+    assert (plain.max_fills, plain.max_rate, plain.connect_timeout) == (None, None, 2.0)
+    assert (limited.max_fills, limited.max_rate) == (4, 500_000_000)
+    assert parse_config(tier(max_rate="1GiB", connect_timeout="500ms")).tiers[1].max_rate == 2**30
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"max_rate": "fast"}, "tiers[1].max_rate: not a size: 'fast'"),
+        ({"max_rate": "0MB"}, "tiers[1].max_rate: must be more than 0"),
+        ({"max_rate": "10%"}, "tiers[1].max_rate: a percentage is not allowed here"),
+        ({"max_rate": "9" * 400 + "MB"}, "tiers[1].max_rate: too large"),  # not a traceback
+        ({"chunk_size": "9" * 8000}, "tiers[1].chunk_size: too large"),
+        ({"max_fills": 0}, "tiers[1].max_fills: must be at least 1"),
+        ({"max_fills": "2"}, "tiers[1].max_fills: expected a whole number"),
+        ({"connect_timeout": "0s"}, "tiers[1].connect_timeout: must be more than 0s"),
+        ({"max_fill": 2}, "tiers[1].max_fill: unknown key"),
+    ],
+)
+def test_tier_limit_errors_name_their_key(keys: dict[str, object], message: str) -> None:
+    assert message in error_of(tier(**keys))
+
+
+def test_a_bad_max_rate_stops_check_config_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tier(max_rate="lots")))
+    result = run_cli("check-config", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("config error: tiers[1].max_rate: not a size: 'lots'")
+    assert result.stderr.count("\n") == 1

@@ -39,6 +39,13 @@ def test_example_config_passes_check_config(tmp_path: Path) -> None:
     assert "tiers regional (glance), objectstore (swift)" in result.stdout
 
 
+def test_regional_example_passes_check_config(tmp_path: Path) -> None:
+    result = check_config((DEPLOY / "regional.yaml").read_text(), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "listen 0.0.0.0:9393" in result.stdout
+    assert "tiers objectstore (swift), glance (glance)" in result.stdout
+
+
 def test_daemonset_wiring(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all((DEPLOY / "daemonset.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
@@ -87,7 +94,11 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
         .read_text()
         .replace("/usr/local/bin/cachenode", str(cachenode))
     )
-    verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    socket_unit = tmp_path / "cachenode.socket"
+    socket_unit.write_text((DEPLOY / "cachenode.socket").read_text())
+    verified = subprocess.run(
+        [analyze, "verify", str(socket_unit), str(unit)], capture_output=True, text=True
+    )
     assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
     security = subprocess.run(
         [analyze, "security", "--offline=yes", str(unit)], capture_output=True, text=True
@@ -95,3 +106,13 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     score = re.search(r"Overall exposure level for cachenode.service: ([\d.]+)", security.stdout)
     assert score is not None, security.stdout + security.stderr
     assert float(score.group(1)) <= 2.0  # systemd calls <= 2 "OK"; an unhardened service is ~9.6
+
+
+def test_socket_unit_listens_where_the_config_does() -> None:
+    """cachenode matches each inherited socket to listen or admin.listen by address, and refuses
+    to start on one that matches neither: the shipped socket unit and config agree."""
+    text = (DEPLOY / "cachenode.socket").read_text()
+    streams = re.findall(r"^ListenStream=(\S+)$", text, re.MULTILINE)
+    config = yaml.safe_load((DEPLOY / "cachenode.yaml").read_text())
+    assert sorted(streams) == sorted([config["listen"], config["admin"]["listen"]])
+    assert "Requires=cachenode.socket" in (DEPLOY / "cachenode.service").read_text()

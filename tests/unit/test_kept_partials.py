@@ -44,25 +44,29 @@ async def cache(local: Local, image_id: str, size: int) -> None:
     await local.discard(part)
 
 
-def janitor(local: Local, max_bytes: int, clock: float | None = None) -> Janitor:
+def janitor(local: Local, clock: float | None = None) -> Janitor:
+    return Janitor(local, local.policy, local.metrics, clock=lambda: clock or time.time())
+
+
+def l1(root: Path, max_bytes: int = 100 * MiB) -> Local:
     policy = Policy(name="p", max_bytes=Size(max_bytes), min_free_disk=Size(0))
-    return Janitor(local, policy, local.metrics, clock=lambda: clock or time.time())
+    return Local(root, Metrics(), policy)
 
 
 def test_a_partial_goes_after_a_day(tmp_path: Path) -> None:
     path = leave_partial(tmp_path, 4 * MiB)
 
     async def main() -> None:
-        local = Local(tmp_path, Metrics())
+        local = l1(tmp_path)
         await local.start()
         assert set(local.kept) == {KEPT} and local.kept_bytes == 4 * MiB
-        assert await janitor(local, 100 * MiB).sweep()
+        assert await janitor(local).sweep()
         assert path.exists()  # young, and within the policy: kept
         later = time.time() + journal.KEEP_FOR + 1
-        assert await janitor(local, 100 * MiB, clock=later).sweep()
+        assert await janitor(local, clock=later).sweep()
         assert local.kept == {} and not path.exists()
         assert not journal.path_for(path).exists()
-        local.close()
+        await local.stop()
 
     asyncio.run(main())
 
@@ -71,30 +75,30 @@ def test_a_partial_goes_before_any_entry_is_evicted_for_room(tmp_path: Path) -> 
     path = leave_partial(tmp_path, 6 * MiB)
 
     async def main() -> None:
-        local = Local(tmp_path, Metrics())
+        local = l1(tmp_path, max_bytes=10 * MiB)
         await local.start()
         await cache(local, CACHED, 3 * MiB)
-        keeper = janitor(local, 10 * MiB)
+        keeper = janitor(local)
         assert await keeper.sweep()  # 9 MiB of 10: under the high watermark, nothing goes
         assert path.exists() and CACHED in local
         assert await keeper.make_room(2 * MiB)  # over it with the partial: the partial goes
         assert not path.exists() and local.kept == {}
         assert CACHED in local
-        local.close()
+        await local.stop()
 
     asyncio.run(main())
 
 
 def test_a_partial_is_dropped_at_start_once_its_image_is_cached(tmp_path: Path) -> None:
     async def main() -> None:
-        local = Local(tmp_path, Metrics())
+        local = l1(tmp_path)
         await local.start()
         await cache(local, KEPT, 4 * MiB)
-        local.close()
+        await local.stop()
         path = leave_partial(tmp_path, 4 * MiB)
-        local = Local(tmp_path, Metrics())
+        local = l1(tmp_path)
         await local.start()
         assert local.kept == {} and not path.exists()
-        local.close()
+        await local.stop()
 
     asyncio.run(main())

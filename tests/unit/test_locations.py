@@ -94,7 +94,7 @@ def test_an_answer_is_kept_until_forgotten_and_asked_once_by_a_herd() -> None:
     assert len(glance.calls) == 2 and count(metrics, "answered") == 2
 
 
-def test_a_refusal_is_kept_for_a_while_a_failure_not_at_all() -> None:
+def test_a_refusal_is_kept_for_minutes_a_failure_for_seconds() -> None:
     clock = Clock()
     refused = GlanceRefused(404, {}, b"")
     glance = Glance(refused, GlanceUnavailable("down"), (SWIFT,))
@@ -104,7 +104,11 @@ def test_a_refusal_is_kept_for_a_while_a_failure_not_at_all() -> None:
     assert asyncio.run(loc.locations(ID)) == ()
     assert len(glance.calls) == 1  # not asked again within REFUSED_TTL
     clock.now += 2
-    assert asyncio.run(loc.locations(ID)) == ()  # Glance is down: no answer, nothing kept
+    assert asyncio.run(loc.locations(ID)) == ()  # Glance is down: no answer ...
+    clock.now += Locator.FAILED_TTL - 1
+    assert asyncio.run(loc.locations(ID)) == ()  # ... and the next ranges do not wait for it
+    assert len(glance.calls) == 2
+    clock.now += 2
     assert asyncio.run(loc.locations(ID)) == (SWIFT,)
     assert len(glance.calls) == 3
     assert (count(metrics, "refused"), count(metrics, "failed")) == (1, 1)

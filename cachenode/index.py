@@ -1,0 +1,150 @@
+"""L1's index in memory: every entry, its pin state, and the orders eviction walks.
+
+The catalog is read once, at start; from then on a hit, a plan and a listing read this index
+and never SQLite. A hit updates the entry's ``last_access`` and ``hits`` here and marks it
+dirty; ``cachenode.local`` writes dirty entries to the catalog in batches (a crash loses at most
+the access times of the last batch, never an entry).
+
+Eviction walks sorted lists of the evictable entries only (pinned ones are kept out of them), in
+the policy's order and, for ``max_idle``, by last access: a plan that evicts k entries reads
+about k of them, whatever the size of the catalog. ``sortedcontainers`` keeps each list sorted
+at O(log n) an insertion; a heap would have to be popped to be walked, and a plan that finds no
+room must leave the order as it was.
+
+Not thread-safe: it lives on the event loop, and only there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+
+from sortedcontainers import SortedList
+
+from cachenode.catalog import Entry
+from cachenode.policy import EVICTION_ORDER, Policy, is_pinned
+
+_Rank = tuple[tuple[float, ...], str]
+
+
+class Index:
+    """The entries of L1 by image id, with ``cachenode.policy.Candidates`` for ``plan_over``."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._clear()
+
+    def _clear(self) -> None:
+        self.total_bytes = 0
+        self.evictable_bytes = 0
+        self._entries: dict[str, Entry] = {}
+        self._pins: set[str] = set()
+        self._dirty: set[str] = set()
+        # The policy's order, and last access for max_idle when that is another order.
+        order = self.policy.order
+        orders = {order, "lru"} if self.policy.max_idle is not None else {order}
+        self._orders: dict[str, SortedList] = {name: SortedList() for name in orders}
+
+    def load(self, entries: Iterable[Entry], pins: Iterable[str]) -> None:
+        self._clear()
+        self._pins = set(pins)
+        for entry in entries:
+            self.add(entry)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, image_id: str) -> Entry | None:
+        return self._entries.get(image_id)
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    @property
+    def pins(self) -> frozenset[str]:
+        return frozenset(self._pins)
+
+    def add(self, entry: Entry) -> None:
+        """Hold ``entry``, in place of any entry of the same image."""
+        self.remove(entry.image_id)
+        self._entries[entry.image_id] = entry
+        self.total_bytes += entry.size
+        if not is_pinned(self.policy, entry, self._pins):
+            self._rank(entry)
+
+    def remove(self, image_id: str) -> Entry | None:
+        entry = self._entries.pop(image_id, None)
+        if entry is None:
+            return None
+        self.total_bytes -= entry.size
+        self._dirty.discard(image_id)
+        if not is_pinned(self.policy, entry, self._pins):
+            self._unrank(entry)
+        return entry
+
+    def touch(self, image_id: str, now: float) -> None:
+        """One more hit of ``image_id``, at ``now``; written to the catalog by the next flush."""
+        entry = self._entries.get(image_id)
+        if entry is None:
+            return
+        touched = replace(entry, last_access=now, hits=entry.hits + 1)
+        evictable = not is_pinned(self.policy, entry, self._pins)
+        if evictable:
+            self._unrank(entry)
+        self._entries[image_id] = touched
+        if evictable:
+            self._rank(touched)
+        self._dirty.add(image_id)
+
+    def pin(self, image_id: str) -> None:
+        entry = self._entries.get(image_id)
+        if entry is not None and not is_pinned(self.policy, entry, self._pins):
+            self._unrank(entry)
+        self._pins.add(image_id)
+
+    def unpin(self, image_id: str) -> None:
+        if image_id not in self._pins:
+            return
+        self._pins.discard(image_id)
+        entry = self._entries.get(image_id)
+        if entry is not None and not is_pinned(self.policy, entry, self._pins):
+            self._rank(entry)
+
+    def take_dirty(self) -> list[Entry]:
+        """The entries touched since the last call, as they are now; they are clean after it."""
+        dirty = [self._entries[i] for i in self._dirty]
+        self._dirty.clear()
+        return dirty
+
+    def mark_dirty(self, entries: Iterable[Entry]) -> None:
+        """Entries a flush could not write: the next flush tries again (if they are still held)."""
+        self._dirty.update(e.image_id for e in entries if e.image_id in self._entries)
+
+    # -- cachenode.policy.Candidates
+    def in_order(self) -> Iterator[Entry]:
+        return self._walk(self.policy.order)
+
+    def least_recent(self) -> Iterator[Entry]:
+        return self._walk("lru")
+
+    def _walk(self, order: str) -> Iterator[Entry]:
+        for _, image_id in self._orders[order]:
+            yield self._entries[image_id]
+
+    def _rank(self, entry: Entry) -> None:
+        self.evictable_bytes += entry.size
+        for order, ranked in self._orders.items():
+            ranked.add(_rank(order, entry))
+
+    def _unrank(self, entry: Entry) -> None:
+        self.evictable_bytes -= entry.size
+        for order, ranked in self._orders.items():
+            ranked.remove(_rank(order, entry))
+
+
+def _rank(order: str, entry: Entry) -> _Rank:
+    """Where ``entry`` sorts in ``order``; the image id makes every rank distinct."""
+    return EVICTION_ORDER[order](entry), entry.image_id
