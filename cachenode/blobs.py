@@ -3,7 +3,8 @@
 Layout under ``cache.dir``::
 
     blobs/<id[:2]>/<image id>        committed: complete and verified, never written again
-    partial/<image id>.<nonce>       a fill in progress; removed at start (a crash leaves them)
+    partial/<image id>.<nonce>       a fill in progress; kept at start only to resume it
+    partial/<image id>.<nonce>.journal   what of it is written (``cachenode.journal``)
 
 A fill writes its partial file at the offsets the bytes belong to (no temporary second copy), then
 ``commit`` fsyncs it and renames it into ``blobs/``: a rename is atomic, so a crash at any instant
@@ -113,14 +114,6 @@ class BlobStore:
         except OSError as exc:
             raise StoreError(f"cannot remove {image_id}: {exc.strerror}") from exc
         return size
-
-    def clean_partials(self) -> list[Path]:
-        """Remove every partial file (called at start, before any fill can exist)."""
-        removed = []
-        for path in self.partial_dir.iterdir():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-        return removed
 
     def committed(self) -> dict[str, int]:
         """Every blob on disk and its size."""

@@ -6,6 +6,7 @@ no ``finally``, as a power cut or the OOM killer would) the first time that poin
 ``commit.renamed:3`` the third time. The points, in the order a fill and an eviction pass them:
 
     fill.chunk          a chunk of the image was written to the partial file
+    fill.recorded       the journal names more written bytes (cachenode.journal)
     fill.verified       the whole image hashed correctly, before fsync and rename
     commit.fsynced      the partial file is durable, not yet renamed into blobs/
     commit.renamed      the blob is in place, its catalog record not yet written
@@ -24,6 +25,7 @@ import threading
 POINTS = frozenset(
     (
         "fill.chunk",
+        "fill.recorded",
         "fill.verified",
         "commit.fsynced",
         "commit.renamed",

@@ -10,7 +10,8 @@ What is still missing is a set of byte spans. Each tier in turn is asked for wha
   when it cannot start there), and only the missing bytes of it are written.
 
 So every byte is written once, whichever tiers it came from, and a failover never restarts the
-image. A tier that sends more than the image's size is an IntegrityError; every other tier
+image. A fill resumed after a restart starts with the spans its journal kept (``have``) already
+there. A tier that sends more than the image's size is an IntegrityError; every other tier
 failure moves on to the next tier.
 
 A tier is read only while the fill holds one of its slots, and every chunk is paid into its
@@ -76,6 +77,7 @@ class Fetch:
         provenance: Provenance,
         limits: Limits,
         ticket: Ticket,
+        have: Spans | None = None,
     ) -> None:
         self.image = image
         self.size = size
@@ -88,6 +90,8 @@ class Fetch:
         self.limits = limits
         self.ticket = ticket
         self.missing = Spans([(0, size)])
+        for start, end in have or ():
+            self.missing.discard(start, end)  # a previous run's bytes (cachenode.journal)
         self.errors: list[str] = []
 
     async def run(self) -> None:

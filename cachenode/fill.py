@@ -16,6 +16,10 @@ skipped for that image for a while.
 A fill is admitted by the tiers' limits (``cachenode.limits``) before it reserves disk space: a
 caller's fill that no tier has a slot for is passed through at once, a warm waits for a slot.
 
+A fill survives a restart: the spans it wrote are recorded in a journal next to its partial file
+(``cachenode.journal``), and the next fill of the same image (same size and hash) resumes from them,
+fetching only what is missing; the whole image is still hashed and verified before commit.
+
 Readers get the last byte as soon as the hash matched, before the fsync and rename that make the
 entry durable: durability is for the next caller, the bytes are already proven. A disk that then
 fails the commit costs the cache an entry, not the caller its download.
@@ -33,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import IO
 
-from cachenode import crash
+from cachenode import crash, journal
 from cachenode.catalog import Entry
 from cachenode.errors import (
     CachenodeError,
@@ -50,6 +54,7 @@ from cachenode.limits import Limits, Priority, Ticket
 from cachenode.local import Local, Partial, finish
 from cachenode.metrics import Metrics
 from cachenode.sink import Sink
+from cachenode.spans import Spans
 from cachenode.tiers import Tier, TierSet
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,7 @@ class Fill:
         self.verifier = verifier
         self.ticket = Ticket(priority)
         self.landed = 0
+        self.resumed = 0  # bytes taken from a previous run's partial file
         self.verified = False
         self.state = State.RUNNING
         self.error: CachenodeError | None = None
@@ -220,6 +226,7 @@ class Fills:
         self.quarantine = quarantine
         self.clock = clock
         self._running: dict[str, Fill] = {}
+        self._closing = False  # shutting down: fills cancelled now keep their partial to resume
         self._bad_tiers: dict[str, tuple[frozenset[str], float]] = {}
 
     def get(self, image_id: str) -> Fill | None:
@@ -279,13 +286,17 @@ class Fills:
         """Reserve, download, verify, commit; one cleanup whatever happened (even a cancel)."""
         started = time.monotonic()
         part: Partial | None = None
+        shutdown = False
         try:
             # Before any disk space is reserved: a fill that will not run evicts nothing.
             tiers = [t.name for t in self.candidates(fill.image.id)]
             await self.limits.admission(tiers, fill.ticket, may_wait=False)
-            if self.make_room is not None and not await self.make_room(fill.size):
+            kept = await self.local.take_partial(fill.image.id, fill.size, fill.verifier)
+            part = Partial(fill.image.id, kept)  # from here on, discarded with the fill
+            # A kept partial's bytes are on disk already (fallocated), counted until now.
+            needed = fill.size if kept is None else 0
+            if self.make_room is not None and not await self.make_room(needed):
                 raise NoRoom(f"no room for {fill.size} bytes within the policy")
-            part = Partial(fill.image.id)
             await finish(self.local.create_partial(part, fill.size))
             fill.attach(part.take_reader())
             await self._download(fill, part, creds)
@@ -296,9 +307,12 @@ class Fills:
         except BaseException as exc:
             fill.error = self._failed(fill, exc)
             if not isinstance(exc, Exception):
+                shutdown = self._closing and fill.state is State.RUNNING
                 raise  # a cancel (shutdown): cleaned up below, then passed on
         finally:
-            if part is not None:
+            if part is not None and shutdown:
+                await finish(self.local.release(part))  # the next start resumes it
+            elif part is not None:
                 await finish(self.local.discard(part))  # nothing left of a commit that happened
             # Readers learn the outcome only now, when nothing partial is left on disk.
             if fill.error is not None:
@@ -324,7 +338,8 @@ class Fills:
                 self.excluded(fill.image.id) | frozenset(exc.tiers),
                 self.clock() + self.quarantine,
             )
-            log.error("%s; not committed, tiers %s skipped for it", exc, ",".join(exc.tiers))
+            log.error("%s; not committed, tiers %s skipped for it", exc,
+                      ",".join(exc.tiers) or "(none)")  # fmt: skip
             return exc
         if isinstance(exc, StoreError):
             log.warning("fill of %s stopped by the local disk: %s", fill.image.id, exc)
@@ -358,14 +373,27 @@ class Fills:
         The sink's threads are stopped (their last write done) before this returns, whatever
         happened: the descriptor they write to is closed right after.
         """
-        assert part.fd is not None
-        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance)
+        assert part.fd is not None and part.journal_fd is not None
+        header = journal.Record(fill.image.id, fill.size, *fill.verifier)
+        recorder = journal.Recorder(part.journal_fd, part.fd, header,
+                                    part.kept.seq + 1 if part.kept else 0)  # fmt: skip
+        sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance,
+                    recorder.written)  # fmt: skip
+        have = Spans(part.kept.record.spans if part.kept else ())
+        if have:
+            fill.resumed = have.total
+            self.metrics.resumed_bytes.inc(have.total)
+            log.info("resuming the fill of %s with %d bytes of a previous run",
+                     fill.image.id, have.total)  # fmt: skip
+            sink.resume(have)  # readers get the prefix at once; the hash reads it from disk
         fetch = Fetch(fill.image, fill.size, sink, self.tiers, self.candidates(fill.image.id),
-                      creds, self.metrics, fill.provenance, self.limits, fill.ticket)  # fmt: skip
+                      creds, self.metrics, fill.provenance, self.limits, fill.ticket,
+                      have)  # fmt: skip
         try:
             await fetch.run()
         finally:
             await finish(sink.aclose())
+            await finish(recorder.aclose(final=self._closing))
         self._verify(fill, sink.hexdigest())
         fill.verified = True
         fill._notify()
@@ -374,11 +402,13 @@ class Fills:
     def _verify(fill: Fill, digest: str) -> None:
         algo, expected = fill.verifier
         if digest != expected:
-            raise IntegrityError(
-                fill.image.id,
-                f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}...",
-                tuple(fill.provenance.tiers),
-            )
+            # Bytes of a previous run may be what is wrong (a disk, a hand): no tier is blamed
+            # then. The partial goes with this fill, so the next one tells a bad tier for sure.
+            detail = f"{algo} is {digest[:16]}..., Glance recorded {expected[:16]}..."
+            if fill.resumed:
+                detail += f" (resumed with {fill.resumed} bytes of a previous run)"
+            blamed = () if fill.resumed else tuple(fill.provenance.tiers)
+            raise IntegrityError(fill.image.id, detail, blamed)
 
     @staticmethod
     def _entry(fill: Fill) -> Entry:
@@ -397,7 +427,8 @@ class Fills:
         )
 
     async def close(self) -> None:
-        """Cancel every fill and wait for each one's cleanup."""
+        """Cancel every fill and wait for each one's cleanup; their partials stay, recorded."""
+        self._closing = True
         tasks = [f.task for f in self._running.values() if f.task is not None]
         for task in tasks:
             task.cancel()

@@ -13,7 +13,9 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
+from cachenode import journal
 from cachenode.errors import CachenodeError
 from cachenode.fill import Fills
 from cachenode.glance import GlanceClient, ImageInfo
@@ -21,7 +23,7 @@ from cachenode.identity import ServiceIdentity
 from cachenode.limits import Priority
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.policy import Policy, plan_over
+from cachenode.policy import Plan, Policy, Usage, plan_over
 from cachenode.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,25 @@ class Janitor:
         so two sweeps never choose the same entry or count bytes another already freed; each
         then waits only for the removal of its own evictions. A plan reads about as many
         entries as it evicts (``cachenode.index``), however many L1 holds.
+
+        Partials a previous run left (``cachenode.journal``) count as cache bytes, last a day at
+        most, and all go before any entry would be evicted for room.
         """
-        usage = await self.local.usage()
+        await self.local.drop_partials(older_than=self.clock() - journal.KEEP_FOR)
+        usage = await self._usage()
         result = plan_over(self.local.index, self.policy, usage, self.clock(), needed)
+        if self.local.kept and (not result.fits or _for_room(result)):
+            await self.local.drop_partials()
+            usage = await self._usage()
+            result = plan_over(self.local.index, self.policy, usage, self.clock(), needed)
         claimed = self.local.claim((e.image_id, e.reason) for e in result.evictions)
         self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
         await self.local.remove(claimed)
         return result.fits
+
+    async def _usage(self) -> Usage:
+        usage = await self.local.usage()
+        return replace(usage, cache_bytes=usage.cache_bytes + self.local.kept_bytes)
 
     async def run(self, warmer: Warmer | None) -> None:
         """Sweep every ``interval``, warm every ``warm_interval``, until cancelled."""
@@ -83,6 +97,11 @@ class Janitor:
             except CachenodeError as exc:
                 log.warning("janitor: %s", exc)
             await asyncio.sleep(self.interval)
+
+
+def _for_room(result: Plan) -> bool:
+    """Whether a plan evicts entries for room (not only idle ones)."""
+    return any(e.reason != "idle" for e in result.evictions)
 
 
 class Warmer:

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from cachenode import crash
+from cachenode import crash, journal
 from cachenode.blobs import BlobStore
 from cachenode.catalog import Catalog, Entry
 from cachenode.errors import StoreError
@@ -35,19 +35,23 @@ HELD_BLOBS = 128  # blobs held open for hits; far below any descriptor limit a h
 
 
 class Partial:
-    """A fill's file while it is being written, and the two descriptors it owns.
+    """A fill's file while it is being written, its journal, and the descriptors it owns.
 
     Each descriptor has exactly one owner at a time: this object, until ``take`` or
     ``take_reader`` hands it on (to a commit, to the Fill's readers). Whoever holds it closes it,
     once. Created on the event loop before any thread touches the disk, so a cancel at any await
-    still finds it and discards what the thread made.
+    still finds it and discards what the thread made. The journal's descriptor stays with it
+    (the fill's recorder only borrows it) and is closed by ``Local.discard``.
     """
 
-    def __init__(self, image_id: str) -> None:
+    def __init__(self, image_id: str, kept: journal.Kept | None = None) -> None:
         self.image_id = image_id
-        self.path: Path | None = None
+        self.kept = kept  # a previous run's partial file this fill resumes
+        self.path = kept.path if kept else None
+        self.journal = kept.journal if kept else None
         self.fd: int | None = None
         self.read_fd: int | None = None
+        self.journal_fd: int | None = None
 
     def take(self) -> int:
         assert self.fd is not None, "the write descriptor was handed on already"
@@ -110,6 +114,7 @@ class Local:
         self._held: OrderedDict[str, int] = OrderedDict()  # open blobs of recent hits
         self._evicting: dict[str, asyncio.Event] = {}  # set once the image's eviction is done
         self._flusher: asyncio.Task[None] | None = None
+        self.kept: dict[str, journal.Kept] = {}  # partials of a previous run, not adopted yet
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args))
@@ -141,8 +146,10 @@ class Local:
         self.close()
 
     def _reconcile(self) -> tuple[list[Entry], frozenset[str]]:
-        for path in self.blobs.clean_partials():
-            log.info("removed the partial file of an interrupted fill: %s", path.name)
+        kept, gone = journal.scan(self.blobs.partial_dir, time.time())
+        for path, why in gone:
+            log.info("removed %s of an interrupted fill: %s", path.name, why)
+            path.unlink(missing_ok=True)
         on_disk = self.blobs.committed()
         entries: list[Entry] = []
         for entry in list(self.catalog.entries()):
@@ -160,6 +167,11 @@ class Local:
             # the bytes were verified, but without the record we cannot prove it; refill.
             log.warning("blob %s has no catalog entry; removing it", orphan)
             self.blobs.remove(orphan)
+        for image_id in kept.keys() & {e.image_id for e in entries}:
+            journal.remove([kept.pop(image_id)])  # filled since: the entry is what counts
+        for k in kept.values():
+            log.info("kept %d bytes of the interrupted fill of %s", k.record.recorded, k.image_id)
+        self.kept = kept
         return entries, self.catalog.pins()
 
     def __contains__(self, image_id: str) -> bool:
@@ -296,16 +308,71 @@ class Local:
         return Usage(cache_bytes=self.index.total_bytes, disk_total=total,
                      disk_free=free + self.freeing)  # fmt: skip
 
+    @property
+    def kept_bytes(self) -> int:
+        """Disk held by partials of a previous run (each fallocated to its image's size)."""
+        return sum(k.record.size for k in self.kept.values())
+
+    async def take_partial(
+        self, image_id: str, size: int, verifier: tuple[str, str]
+    ) -> journal.Kept | None:
+        """The partial a previous run left for this image, if it is still this image (Glance's
+        size and hash as the caller sees them); one that is not is removed. Only one fill may
+        take it: it leaves ``kept`` before the first await."""
+        kept = self.kept.pop(image_id, None)
+        if kept is None:
+            return None
+        if why := kept.record.mismatch(size, verifier):
+            log.info("not resuming the fill of %s: %s", image_id, why)
+            await finish(self._run(journal.remove, [kept]))
+            return None
+        return kept
+
+    async def drop_partials(self, older_than: float | None = None) -> int:
+        """Remove kept partials (those whose last record is older than ``older_than``, or all);
+        the bytes freed."""
+        dropped = [k for k in self.kept.values() if older_than is None or k.mtime < older_than]
+        for k in dropped:
+            del self.kept[k.image_id]
+            log.info("dropped the partial of %s (%d bytes)", k.image_id, k.record.size)
+        if dropped:
+            await self._run(journal.remove, dropped)
+        return sum(k.record.size for k in dropped)
+
     async def create_partial(self, part: Partial, size: int) -> None:
-        """Create ``part``'s file with ``size`` bytes reserved, open for writing and reading."""
+        """Open ``part``'s file and journal: a new file with ``size`` bytes reserved, or the one
+        ``part.kept`` names, open for writing and reading."""
         await self._run(self._create_partial, part, size)
 
     def _create_partial(self, part: Partial, size: int) -> None:
+        if part.kept is not None:
+            try:
+                self._open_kept(part, size)
+                return
+            except OSError as exc:
+                # Gone or changed since start: this fill starts afresh instead.
+                log.warning("cannot resume the fill of %s: %s", part.image_id, exc)
+                fds = [fd for fd in (part.fd, part.journal_fd) if fd is not None]
+                self.blobs.discard(part.path, fds)
+                journal.remove([part.kept])
+                part.kept, part.fd, part.journal_fd = None, None, None
         part.path, part.fd = self.blobs.create_partial(part.image_id, size)
+        part.journal = journal.path_for(part.path)
         try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            part.journal_fd = os.open(part.journal, flags, 0o640)
             part.read_fd = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise StoreError(f"cannot open {part.path}: {exc.strerror}") from exc
+
+    @staticmethod
+    def _open_kept(part: Partial, size: int) -> None:
+        assert part.path is not None and part.journal is not None
+        part.fd = os.open(part.path, os.O_RDWR | os.O_CLOEXEC)
+        if os.fstat(part.fd).st_size != size:
+            raise OSError(0, f"{part.path.name} is no longer {size} bytes long")
+        part.journal_fd = os.open(part.journal, os.O_RDWR | os.O_CLOEXEC)
+        part.read_fd = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
 
     async def commit(self, part: Partial, entry: Entry) -> None:
         """Make ``part`` the image's entry. Takes its write descriptor, closed whatever happens;
@@ -313,12 +380,12 @@ class Local:
         assert part.path is not None
         while (evicting := self._evicting.get(entry.image_id)) is not None:
             await evicting.wait()  # the eviction of its previous entry must not remove this one
-        await self._run(self._commit, part.path, part.take(), entry)
+        await self._run(self._commit, part.path, part.take(), entry, part.journal)
         self._release(entry.image_id)
         self.index.add(entry)
         self._publish()
 
-    def _commit(self, path: Path, fd: int, entry: Entry) -> None:
+    def _commit(self, path: Path, fd: int, entry: Entry, log: Path | None = None) -> None:
         try:
             self.blobs.commit(path, fd, entry.image_id)
         except StoreError:
@@ -330,14 +397,26 @@ class Local:
             self.blobs.remove(entry.image_id)
             raise
         crash.point("commit.cataloged")
+        if log is not None:
+            with contextlib.suppress(OSError):  # an orphan journal is removed at start anyway
+                log.unlink(missing_ok=True)
         self._publish_disk()
 
     async def discard(self, part: Partial) -> None:
-        """Close what ``part`` still owns and remove its file (gone already after a commit)."""
-        fds = [fd for fd in (part.fd, part.read_fd) if fd is not None]
-        part.fd = part.read_fd = None
+        """Close what ``part`` still owns and remove its file (gone already after a commit) and
+        its journal."""
+        fds = [fd for fd in (part.fd, part.read_fd, part.journal_fd) if fd is not None]
+        part.fd = part.read_fd = part.journal_fd = None
         if part.path is not None or fds:
             await self._run(self.blobs.discard, part.path, fds)
+        if part.journal is not None:
+            await self._run(part.journal.unlink, True)
+
+    async def release(self, part: Partial) -> None:
+        """Close what ``part`` still owns and leave its file and journal for the next start."""
+        fds = [fd for fd in (part.fd, part.read_fd, part.journal_fd) if fd is not None]
+        part.fd = part.read_fd = part.journal_fd = None
+        await self._run(self.blobs.discard, None, fds)
 
     async def evict(self, image_id: str, reason: str) -> int:
         """Remove an entry; returns the bytes freed (0 when it was not there)."""

@@ -125,7 +125,11 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-
+        self.resumed_bytes = Counter(
+            p + "resumed_bytes",
+            "Bytes of fills taken from a previous run's partial file instead of a tier",
+            registry=r,
+        )
         self.locations_lookups = Counter(
             p + "locations_lookups",
             "Calls to Glance's locations API (a swift tier's locations: api), by outcome",

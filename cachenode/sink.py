@@ -33,12 +33,14 @@ class Sink:
         algorithm: str,
         write: Callable[[int, bytes | memoryview, int], None],
         on_landed: Callable[[int], None],
+        on_written: Callable[[Spans, int], None] | None = None,
     ) -> None:
         self.fd = fd
         self.hasher: Any = hashlib.new(algorithm)
         self.landed = 0
         self._write = write
         self._on_landed = on_landed
+        self._on_written = on_written
         self._written = Spans()
         self._hashed_to = 0  # every byte below is hashed, or queued to be, in order
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fill-write")
@@ -78,12 +80,24 @@ class Sink:
             self._error = exc
             return
         self._written.add(start, end)
+        if self._on_written is not None:
+            self._on_written(self._written, end - start)
+        self._advance()
+
+    def resume(self, spans: Spans) -> None:
+        """``spans`` of the file were written by a previous run: count them as landed, and hash
+        the prefix they make from the file (the rest when the prefix reaches it)."""
+        for start, end in spans:
+            self._written.add(start, end)
+        self._advance()
+
+    def _advance(self) -> None:
         landed = self._written.end_of_run(0)
         if landed <= self.landed:
             return
         self.landed = landed
         if self._hashed_to < landed:
-            # Bytes that came ahead of the prefix: now the prefix has reached them.
+            # Bytes that came ahead of the prefix (or a previous run's): the prefix reached them.
             job = asyncio.get_running_loop().run_in_executor(
                 self._hashing, self._read_back, self._hashed_to, landed
             )

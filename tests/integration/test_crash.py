@@ -10,7 +10,7 @@ from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
 
 
-def test_kill_9_mid_fill_leaves_nothing_servable_and_restart_refills(
+def test_kill_9_mid_fill_leaves_nothing_servable_and_restart_resumes(
     glance: Glance, sidecar_factory
 ) -> None:  # type: ignore[no-untyped-def]
     image = glance.create_image(8 << 20)
@@ -25,14 +25,17 @@ def test_kill_9_mid_fill_leaves_nothing_servable_and_restart_refills(
         thread.join()
         assert caller.error is not None and caller.received < len(image.data)
         assert sidecar.blobs() == []
-        assert len(sidecar.partials()) == 1  # what the crash left
+        partial, log = sidecar.partials()  # what the crash left: the file and its journal
+        assert log.name == partial.name + ".journal"
 
         sidecar.start()
-        assert sidecar.partials() == []  # cleaned at start, before serving
+        assert sidecar.blobs() == []  # nothing servable; the partial is kept to resume from
         resp = sidecar.get(image.id, ALICE)
         assert resp.status_code == 200 and resp.content == image.data
         assert resp.headers["X-Cachenode-Status"] == "MISS"
+        assert sidecar.metric("cachenode_resumed_bytes_total") > 0
         assert [b.name for b in sidecar.blobs()] == [image.id]
+        assert sidecar.partials() == []
 
 
 def test_catalog_survives_restart_and_reconciles_with_disk(

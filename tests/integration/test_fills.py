@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cachenode import journal
 from cachenode.config import TierConfig
 from cachenode.errors import FillFailed, IntegrityError, StoreError
 from cachenode.fill import Fill, Fills
@@ -233,10 +234,14 @@ def test_a_tier_that_sent_bad_bytes_is_skipped_until_the_quarantine_ends(tmp_pat
 
 
 @pytest.mark.parametrize("cancel_at", ["reserve", "download"])
-def test_a_cancel_before_commit_leaves_no_file_and_no_descriptor(
+def test_a_cancel_before_commit_leaves_no_descriptor_and_only_a_resumable_partial(
     tmp_path: Path, cancel_at: str
 ) -> None:
+    """Shutdown cancels a fill: no descriptor stays open; a fill that had written bytes leaves
+    its partial and a journal naming exactly those bytes (cachenode.journal), for the next
+    start to resume; one cancelled before it ran leaves nothing."""
     data = os.urandom(4 << 20)
+    landed: list[int] = []
 
     async def main() -> None:
         async with fills_over(tmp_path / "cache", upstream) as fills:
@@ -245,6 +250,7 @@ def test_a_cancel_before_commit_leaves_no_file_and_no_descriptor(
             if cancel_at == "download":
                 await fill.wait(lambda: fill.landed > 0)
             await fills.close()
+            landed.append(fill.landed)
             assert fill.done and isinstance(fill.error, FillFailed)
             assert open_fds() <= before
             assert fills.get(IMAGE_ID) is None
@@ -253,4 +259,12 @@ def test_a_cancel_before_commit_leaves_no_file_and_no_descriptor(
     throttle = Fault("throttle", rate=1 << 20, times=-1)
     with Upstream(blobs={IMAGE_ID: data}, faults=[throttle]) as upstream:
         asyncio.run(main())
-    assert list((tmp_path / "cache" / "partial").iterdir()) == []
+    left = sorted((tmp_path / "cache" / "partial").iterdir())
+    if cancel_at == "reserve":
+        assert left == []
+        return
+    partial, log = left
+    found = journal.read(log)
+    assert log == journal.path_for(partial) and found is not None
+    assert found[1].spans == ((0, landed[0]),) and landed[0] > 0
+    assert partial.read_bytes()[: landed[0]] == data[: landed[0]]

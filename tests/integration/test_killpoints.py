@@ -8,8 +8,12 @@ was written (``commit.cataloged``); an image whose eviction started is gone. Aft
 
 - the catalog (the admin API's list) and the blobs on disk are exactly that model;
 - every blob has its record's size and hashes to Glance's ``os_hash_value``;
-- no partial file survived the restart;
-- every image downloads whole and right, a HIT exactly for the images of the model.
+- the only partial files left are kept to resume a fill (cachenode/journal.py): each with its
+  journal, of an image outside the model, of that image's size and naming Glance's hash; after
+  ``fill.recorded`` (a record was just written) the image in flight has one;
+- every image downloads whole and right, a HIT exactly for the images of the model, and the
+  bytes taken from kept partials (``resumed_bytes_total``) are exactly what their journals named;
+  no partial is left after those downloads.
 
 The points and their pass numbers are drawn from a seeded generator (``CACHENODE_KILL_SEED``),
 printed with the plan so that a failing round can be replayed. Images are small and the tier is
@@ -29,15 +33,27 @@ from pathlib import Path
 import pytest
 import requests
 
+from cachenode import journal
 from tests.support.glance import ALICE, Glance, Image
 from tests.support.health import AdminApi
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
 
 SEED = int(os.environ.get("CACHENODE_KILL_SEED", "20240917"))
-FILLING = ("fill.chunk", "fill.verified", "commit.fsynced", "commit.renamed", "commit.cataloged")
+FILLING = (
+    "fill.chunk",
+    "fill.recorded",
+    "fill.verified",
+    "commit.fsynced",
+    "commit.renamed",
+    "commit.cataloged",
+)
 POINTS = (*FILLING, "touch.cataloged", "evict.uncataloged", "evict.removed")
-PASSES = {"fill.chunk": 6, "touch.cataloged": 4}  # highest pass number drawn; 3 otherwise
+PASSES = {
+    "fill.chunk": 6,
+    "fill.recorded": 6,
+    "touch.cataloged": 4,
+}  # highest pass number drawn; 3 otherwise
 IMAGES = 4
 IMAGE_SIZE = 512 << 10
 THROTTLE = 2 << 20  # bytes/s while armed: a fill lasts about a quarter of a second
@@ -72,6 +88,7 @@ class Bed:
     throttle: Fault
     images: list[Image]
     l1: set[str] = field(default_factory=set)  # what L1 must hold: the model
+    resumed: int = 0  # restarts after which a kept partial was resumed
 
     def arm(self, spec: str | None) -> None:
         """Start the sidecar, armed to die at ``spec``, with the tier throttled while armed."""
@@ -128,10 +145,31 @@ def drive(bed: Bed, rnd: Round) -> str | None:
     return None
 
 
-def check(bed: Bed) -> None:
+def kept_partials(bed: Bed) -> dict[str, int]:
+    """The partials the restart kept, each checked against the model and Glance: image id to the
+    bytes its journal names."""
+    files = bed.car.partials()
+    kept: dict[str, int] = {}
+    for log in (p for p in files if p.name.endswith(journal.SUFFIX)):
+        data = log.with_name(log.name.removesuffix(journal.SUFFIX))
+        found = journal.read(log)
+        assert data in files and found is not None, f"{log.name} kept without its file or record"
+        record = found[1]
+        assert record.image_id not in bed.l1 and record.image_id not in kept, log.name
+        glance = bed.glance.api("GET", f"/v2/images/{record.image_id}").json()
+        assert record.problem() is None and data.stat().st_size == record.size == glance["size"]
+        assert (record.algo, record.hash_value) == (glance["os_hash_algo"], glance["os_hash_value"])
+        kept[record.image_id] = record.recorded
+    assert len(files) == 2 * len(kept), f"partial files left that nothing resumes: {files}"
+    return kept
+
+
+def check(bed: Bed, must_keep: str | None = None) -> None:
     """After a restart: catalog, blobs and downloads agree with the model, and with Glance."""
     car = bed.car
-    assert car.partials() == [], "a partial file survived the restart"
+    kept = kept_partials(bed)
+    if must_keep is not None:
+        assert must_keep in kept, "the fill killed after its record was written left nothing"
     listed = bed.admin.cached()
     assert set(listed) == bed.l1, f"catalog {sorted(listed)} != model {sorted(bed.l1)}"
     assert {b.name for b in car.blobs()} == bed.l1, "blobs and catalog disagree"
@@ -147,6 +185,9 @@ def check(bed: Bed) -> None:
         assert resp.status_code == 200 and resp.content == image.data
         expected = "HIT" if image.id in bed.l1 else "MISS"
         assert resp.headers["X-Cachenode-Status"] == expected, image.id
+    assert car.partials() == [], "a kept partial outlived the fill that resumed it"
+    assert car.metric("cachenode_resumed_bytes_total") == sum(kept.values())
+    bed.resumed += bool(kept)
     bed.l1 = {i.id for i in bed.images}
 
 
@@ -173,7 +214,8 @@ def test_kill_9_at_random_points_never_leaves_a_torn_or_unproven_entry(bed: Bed)
 
         bed.arm(None)
         try:
-            check(bed)
+            check(bed, in_flight if rnd.point == "fill.recorded" else None)
         except AssertionError as exc:
             raise AssertionError(f"round {number} ({rnd.spec}), seed {SEED}: {exc}") from exc
-    print(f"{len(rounds)} kills, catalog and blobs agreed after each restart")
+    print(f"{len(rounds)} kills, catalog and blobs agreed after each restart; "
+          f"{bed.resumed} restarts resumed a fill from its journal")  # fmt: skip

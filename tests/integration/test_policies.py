@@ -171,7 +171,7 @@ def test_eviction_never_cuts_a_reader_nor_a_fill(
         readers = [threading.Thread(target=slow_reader, args=(i,)) for i in (cached.id, filling.id)]
         for reader in readers:
             reader.start()
-        wait_for(lambda: len(sidecar.partials()) == 1)
+        wait_for(lambda: len(sidecar.partials()) == 2)  # the fill's file and its journal
         evicted = requests.post(
             sidecar.admin_url + "/admin/v1/evict",
             json={"all": True},
