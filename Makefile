@@ -22,12 +22,17 @@ demo: $(VENV)/.installed testbed
 test: $(VENV)/.installed testbed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Every benchmark, each printing its figures beside its reference from the same run.
+BENCHES ?= bench fill_cpu l1_scale regional resume notify_latency
+
 bench: $(VENV)/.installed testbed
-	@command -v nginx >/dev/null && command -v varnishd >/dev/null || { \
+	@command -v nginx >/dev/null && command -v varnishd >/dev/null \
+	  && command -v rabbitmq-server >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends nginx varnish curl; \
-	  service nginx stop 2>/dev/null; service varnish stop 2>/dev/null; true; }
-	$(PY) tests/bench/bench.py
+	    --no-install-recommends nginx varnish curl rabbitmq-server; \
+	  service nginx stop 2>/dev/null; service varnish stop 2>/dev/null; \
+	  service rabbitmq-server stop 2>/dev/null; true; }
+	@for b in $(BENCHES); do echo "== tests/bench/$$b.py"; $(PY) tests/bench/$$b.py || exit 1; done
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check cachenode tests
