@@ -191,21 +191,21 @@ class Local:
         entry = self.index.get(image_id)
         if entry is None:
             return None  # a miss costs no disk access
-        fobj = self._open_held(image_id)
+        fobj = self._open_held(entry)
         if fobj is None:
-            opened = await self._run(self._open, entry)
+            fobj = await self._run(self._open, entry)
             current = self.index.get(image_id)
             if current is None or current.created != entry.created:
                 # Evicted (or evicted and filled again) while the thread opened it: a miss.
-                if not isinstance(opened, str):
-                    opened.close()
+                if not isinstance(fobj, str):
+                    fobj.close()
                 return None
-            if isinstance(opened, str):
-                log.error("L1 entry %s dropped: %s", image_id, opened)
-                await self.evict(image_id, "inconsistent")  # and the caller is filled again
-                return None
-            fobj = opened
-            self._hold(image_id, fobj)
+            if not isinstance(fobj, str):
+                self._hold(image_id, fobj)
+        if isinstance(fobj, str):
+            log.error("L1 entry %s dropped: %s", image_id, fobj)
+            await self.evict(image_id, "inconsistent")  # and the caller is filled again
+            return None
         self.index.touch(image_id, self.clock())
         return entry, fobj
 
@@ -217,16 +217,22 @@ class Local:
             return "its blob is missing"
         except OSError as exc:
             raise StoreError(f"cannot open the blob of {entry.image_id}: {exc.strerror}") from exc
-        if os.fstat(fobj.fileno()).st_size != entry.size:
+        if (why := _disagreement(os.fstat(fobj.fileno()), entry)) is not None:
             fobj.close()
-            return "its blob has the wrong size"
+            return why
         return fobj
 
-    def _open_held(self, image_id: str) -> IO[bytes] | None:
-        fd = self._held.get(image_id)
+    def _open_held(self, entry: Entry) -> IO[bytes] | str | None:
+        """A new handle on the held blob (None when none is held), or why L1 disagrees with
+        itself about it: a blob cut short or removed behind the sidecar's back is seen on the
+        very next hit, held or not (one ``fstat``, no thread)."""
+        fd = self._held.get(entry.image_id)
         if fd is None:
             return None
-        self._held.move_to_end(image_id)
+        if (why := _disagreement(os.fstat(fd), entry)) is not None:
+            self._release(entry.image_id)
+            return why
+        self._held.move_to_end(entry.image_id)
         return os.fdopen(os.dup(fd), "rb")
 
     def _hold(self, image_id: str, fobj: IO[bytes]) -> None:
@@ -496,3 +502,12 @@ class Local:
         for image_id in list(self._held):
             self._release(image_id)
         self.catalog.close()
+
+
+def _disagreement(st: os.stat_result, entry: Entry) -> str | None:
+    """Why an open blob is not the entry's, or None: L1's one rule for "its blob"."""
+    if st.st_nlink == 0:
+        return "its blob was removed"
+    if st.st_size != entry.size:
+        return "its blob has the wrong size"
+    return None

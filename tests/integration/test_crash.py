@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from tests.support.clients import Caller, start, wait_for
 from tests.support.glance import ALICE, Glance
 from tests.support.sidecar import Sidecar
@@ -81,17 +83,22 @@ def test_a_corrupt_catalog_is_set_aside_and_the_cache_starts_empty(
     assert again.headers["X-Cachenode-Status"] == "MISS" and again.content == image.data
 
 
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
 def test_a_blob_that_disagrees_with_its_record_is_refilled_not_bypassed(
-    glance: Glance, sidecar: Sidecar
+    glance: Glance, sidecar: Sidecar, damage: str
 ) -> None:
-    """L1 never disagrees with itself into a 500 or a permanent bypass: a blob cut short behind
-    the sidecar's back is dropped on the next hit, and that caller is filled from the tiers."""
+    """L1 never disagrees with itself into a 500, a hang or a permanent bypass: a blob cut short
+    or removed behind the sidecar's back (while a recent hit holds it open) is dropped on the
+    next hit, and that caller is filled from the tiers."""
     image = glance.create_image(1 << 20)
     assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "MISS"
     assert sidecar.get(image.id, ALICE).headers["X-Cachenode-Status"] == "HIT"
     (blob,) = sidecar.blobs()
-    with blob.open("r+b") as f:
-        f.truncate(1000)
+    if damage == "removed":
+        blob.unlink()
+    else:
+        with blob.open("r+b") as f:
+            f.truncate(1000)
     resp = sidecar.get(image.id, ALICE)
     assert resp.status_code == 200 and resp.content == image.data
     assert resp.headers["X-Cachenode-Status"] == "MISS"
