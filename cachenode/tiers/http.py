@@ -121,6 +121,10 @@ class HttpSource:
         """The image's URL and the headers that authenticate the request, for this kind."""
         raise NotImplementedError
 
+    def not_found(self, image: ImageInfo) -> None:
+        """The object ``locate`` named is not there (404); kinds that learned where it is from
+        elsewhere forget it here."""
+
     @asynccontextmanager
     async def open(
         self,
@@ -141,6 +145,9 @@ class HttpSource:
                 if exact or start == 0:
                     raise
                 body = await stack.enter_async_context(self.get(url, headers, 0, None))
+            except TierNotFound:
+                self.not_found(image)
+                raise
             yield body
 
     @asynccontextmanager

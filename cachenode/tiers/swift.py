@@ -44,16 +44,14 @@ import hmac
 import os
 import time
 import unicodedata
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from cachenode.config import TierConfig
-from cachenode.errors import BadLocation, TierNotFound, TierUnavailable
+from cachenode.errors import BadLocation, TierUnavailable
 from cachenode.glance import Credentials, ImageInfo
-from cachenode.tiers.http import HttpBody, HttpSource
+from cachenode.tiers.http import HttpSource
 
 _SCHEMES = ("swift", "swift+http", "swift+https", "swift+config")
 _DEFAULT_PORTS = {"swift": 443, "swift+https": 443, "swift+http": 80, "https": 443, "http": 80}
@@ -178,24 +176,11 @@ class SwiftTier(HttpSource):
             return image.locations
         return await self.locator.locations(image.id)
 
-    @asynccontextmanager
-    async def open(
-        self,
-        image: ImageInfo,
-        creds: Credentials | None,
-        start: int = 0,
-        end: int | None = None,
-        exact: bool = False,
-    ) -> AsyncIterator[HttpBody]:
-        """As ``HttpSource.open``; no object where the locations API said forgets its answer,
-        so the next fill asks again (an image moved between containers or stores)."""
-        try:
-            async with super().open(image, creds, start, end, exact) as body:
-                yield body
-        except TierNotFound:
-            if self.locator is not None:
-                self.locator.forget(image.id)
-            raise
+    def not_found(self, image: ImageInfo) -> None:
+        """No object where the locations API said: forget its answer, so the next fill asks
+        again (an image moved between containers or stores)."""
+        if self.locator is not None:
+            self.locator.forget(image.id)
 
     def signed(self, container: str, obj: str, now: float | None = None) -> str:
         """The object's URL, with a TempURL signature when the tier has a key."""

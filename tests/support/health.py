@@ -46,12 +46,18 @@ def sockets(process: int) -> int:
 
 
 def image_files(sidecar: Sidecar, process: int) -> list[str]:
-    """Descriptors open on blobs or partial files: none once every caller and fill is gone.
+    """Descriptors on image files that nobody owns once every caller and fill is gone: any on a
+    partial file, a second one on a blob, any on a blob no longer linked (evicted).
 
-    (The catalog's SQLite files stay open, one connection per executor thread, as threads come.)
+    What may stay is L1's own: one descriptor on each blob of a recent hit (``HELD_BLOBS``, as
+    nginx's ``open_file_cache``). (The catalog's SQLite files stay open too.)
     """
-    roots = (str(sidecar.cache_dir / "blobs"), str(sidecar.cache_dir / "partial"))
-    return [t for t in open_files(process) if t.startswith(roots)]
+    blobs, partials = str(sidecar.cache_dir / "blobs"), str(sidecar.cache_dir / "partial")
+    found = [t for t in open_files(process) if t.startswith((blobs, partials))]
+    return [
+        t for i, t in enumerate(found)
+        if t.startswith(partials) or t.endswith(" (deleted)") or t in found[:i]
+    ]  # fmt: skip
 
 
 def rss_bytes(process: int) -> int:
