@@ -60,6 +60,13 @@ def image_files(sidecar: Sidecar, process: int) -> list[str]:
     ]  # fmt: skip
 
 
+def fds_not_held(sidecar: Sidecar, process: int) -> int:
+    """Open descriptors, less the blobs L1 holds open for hits (at most ``HELD_BLOBS``): what a
+    leak would make grow."""
+    blobs = str(sidecar.cache_dir / "blobs")
+    return sum(1 for t in open_files(process) if not t.startswith(blobs))
+
+
 def rss_bytes(process: int) -> int:
     for line in Path(f"/proc/{process}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
