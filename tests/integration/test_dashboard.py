@@ -49,6 +49,7 @@ SPEC_METRICS = [
     "service_auth_renewals_total",
     "locations_lookups_total",
     "tier_rate_limited_seconds_total",
+    "resumed_bytes_total",
 ]
 
 
