@@ -47,6 +47,7 @@ from cachenode.glance import (
     is_image_id,
 )
 from cachenode.identity import ServiceIdentity
+from cachenode.limits import Ticket
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.proxy import Proxy, expect_handler
@@ -269,12 +270,16 @@ class DataPlane:
         rng: ByteRange,
         begun: tuple[str, float],
     ) -> None:
-        """The tier's bytes of ``rng`` to the caller; a tier that breaks off cuts the caller."""
-        sent = 0
+        """The tier's bytes of ``rng`` to the caller; a tier that breaks off cuts the caller.
+
+        Not a fill, so it takes no slot; its bytes still pay into the tier's ``max_rate``, as a
+        caller's, so ranges (a lazy boot's reads) cannot take a tier past its limit."""
+        sent, tier, caller = 0, resp.headers["X-Cachenode-Tier"], Ticket()
         try:
             await self._begin(request, resp, *begun)
             async for chunk in body.chunks():
                 chunk = chunk[: rng.length - sent]
+                await self.fills.limits.pay(tier, len(chunk), caller)
                 await resp.write(chunk)
                 sent += len(chunk)
                 if sent == rng.length:
@@ -286,7 +291,7 @@ class DataPlane:
         except ConnectionError:
             return  # the caller went away
         finally:
-            self.metrics.served_bytes.labels(resp.headers["X-Cachenode-Tier"]).inc(sent)
+            self.metrics.served_bytes.labels(tier).inc(sent)
             request[SENT] = sent
         if sent < rng.length:
             _cut(request)

@@ -10,6 +10,7 @@ connections moves the fill to the next tier after one short timeout, then is ski
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +198,34 @@ def test_max_rate_holds_a_tiers_fills_to_the_rate(
     waited = sidecar.metric("cachenode_tier_rate_limited_seconds_total", tier="limited")
     assert least / 2 < waited <= parallel * took
     assert sidecar.metric("cachenode_tier_rate_limited_seconds_total", tier="spare") == 0
+
+
+def test_a_range_beyond_the_fill_pays_into_the_tiers_rate(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A range beyond the bytes landed is fetched from the tier at once (not a fill: no slot),
+    and its bytes pay into the tier's max_rate: a lazy boot's reads cannot take a tier past it.
+    The bucket holds at most ``burst``, so 3 MiB at 1 MB/s waits at least (3 MiB - burst) / rate."""
+    size, rate = 8 * MiB, 1_000_000
+    image = glance.create_image(size)
+    hold = Fault("hold", at=MiB)
+    with Upstream(blobs={image.id: image.data}, faults=[hold]) as tier:
+        sidecar = operated(sidecar_factory, tmp_path, [
+            {"name": "limited", "kind": "http", "url": tier.url, "max_rate": "1MB"},
+        ])  # fmt: skip
+        whole = threading.Thread(target=sidecar.get, args=(image.id, ALICE), daemon=True)
+        whole.start()
+        assert hold.reached.wait(30)  # the fill has 1 MiB and is held there
+        start, end = 4 * MiB, 7 * MiB
+        got = sidecar.get(image.id, ALICE, settle=False,
+                          headers={"Range": f"bytes={start}-{end - 1}"})  # fmt: skip
+        assert got.status_code == 206 and got.content == image.data[start:end]
+        assert got.headers["X-Cachenode-Tier"] == "limited"
+        waited = sidecar.metric("cachenode_tier_rate_limited_seconds_total", tier="limited")
+        assert waited >= 0.9 * (end - start - burst(rate)) / rate
+        hold.release()
+        whole.join(60)
+    assert [b.name for b in sidecar.blobs()] == [image.id]
 
 
 @contextmanager
