@@ -79,21 +79,18 @@ class KeystoneBed:
 
     def token(self, user: str, project: str | None = None) -> str:
         """A real token of ``user`` scoped to its project (or ``project``), fresh from Keystone."""
+        return self._password_token(user, f"{user}pass", project or PROJECTS[user])
+
+    def _password_token(self, user: str, password: str, project: str) -> str:
         body = {
             "auth": {
                 "identity": {
                     "methods": ["password"],
                     "password": {
-                        "user": {
-                            "name": user,
-                            "domain": {"id": "default"},
-                            "password": f"{user}pass",
-                        }
+                        "user": {"name": user, "domain": {"id": "default"}, "password": password}
                     },
                 },
-                "scope": {
-                    "project": {"name": project or PROJECTS[user], "domain": {"id": "default"}}
-                },
+                "scope": {"project": {"name": project, "domain": {"id": "default"}}},
             }
         }
         r = requests.post(self.url + "/auth/tokens", json=body, timeout=60)
@@ -110,23 +107,7 @@ class KeystoneBed:
         return r
 
     def token_of_admin(self) -> str:
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": "admin", "domain": {"id": "default"},
-                            "password": self._env["OS_PASSWORD"],
-                        }
-                    },
-                },
-                "scope": {"project": {"name": "admin", "domain": {"id": "default"}}},
-            }
-        }  # fmt: skip
-        r = requests.post(self.url + "/auth/tokens", json=body, timeout=60)
-        r.raise_for_status()
-        return r.headers["X-Subject-Token"]
+        return self._password_token("admin", self._env["OS_PASSWORD"], "admin")
 
     def project_id(self, name: str) -> str:
         r = self.admin("GET", f"/projects?name={name}")

@@ -4,7 +4,6 @@ a stand-in of our own that only injects those answers."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,4 +73,3 @@ def test_a_fills_answer_without_fills_is_an_error_too(config: Path) -> None:
     client = ctl.AdminClient(load_config(config))
     with pytest.raises(ctl.CtlError, match="answered 200 to GET /fills: no data"):
         client.get("/fills", "fills")
-    assert json.loads(ANSWERS["/admin/v1/fills"][1]) == {"something": []}
