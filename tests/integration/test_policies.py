@@ -168,10 +168,13 @@ def test_eviction_never_cuts_a_reader_nor_a_fill(
                     time.sleep(0.02)  # ~12 MiB/s: still reading when the eviction comes
                 received[image_id] = b"".join(parts)
 
+        hits = sidecar.metric("cachenode_requests_total", status="hit")
         readers = [threading.Thread(target=slow_reader, args=(i,)) for i in (cached.id, filling.id)]
         for reader in readers:
             reader.start()
         wait_for(lambda: len(sidecar.partials()) == 2)  # the fill's file and its journal
+        # and the cached image's reader has its hit: evicted before that, it would be a miss
+        wait_for(lambda: sidecar.metric("cachenode_requests_total", status="hit") == hits + 1)
         evicted = requests.post(
             sidecar.admin_url + "/admin/v1/evict",
             json={"all": True},
