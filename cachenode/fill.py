@@ -215,7 +215,7 @@ class Fills:
         metrics: Metrics,
         quarantine: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
-        make_room: Callable[[int], Awaitable[bool]] | None = None,
+        make_room: Callable[[str, int], Awaitable[bool]] | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.local = local
@@ -293,9 +293,9 @@ class Fills:
             await self.limits.admission(tiers, fill.ticket, may_wait=False)
             kept = await self.local.take_partial(fill.image.id, fill.size, fill.verifier)
             part = Partial(fill.image.id, kept)  # from here on, discarded with the fill
-            # A kept partial's bytes are on disk already (fallocated), counted until now.
+            # A kept partial's bytes are on disk already (fallocated), and reserved for this fill.
             needed = fill.size if kept is None else 0
-            if self.make_room is not None and not await self.make_room(needed):
+            if self.make_room is not None and not await self.make_room(fill.image.id, needed):
                 raise NoRoom(f"no room for {fill.size} bytes within the policy")
             await finish(self.local.create_partial(part, fill.size))
             fill.attach(part.take_reader())
@@ -314,6 +314,7 @@ class Fills:
                 await finish(self.local.release(part))  # the next start resumes it
             elif part is not None:
                 await finish(self.local.discard(part))  # nothing left of a commit that happened
+            self.local.unreserve(fill.image.id)  # its file is gone or kept, or it is an entry
             # Readers learn the outcome only now, when nothing partial is left on disk.
             if fill.error is not None:
                 fill.state = State.FAILED
