@@ -21,7 +21,8 @@ used, ``raise ... from exc``, into the most specific of these::
      │    └── RangeNotSupported   the tier cannot start at an offset
      ├── IntegrityError           the bytes do not match Glance's size or hash
      ├── FillFailed               no tier could deliver the image
-     │    └── TiersBusy           every tier it may use is at max_fills: pass through
+     │    ├── TiersBusy           every tier it may use is at max_fills: pass through
+     │    └── FillStopped         the image was deleted in Glance while it was filled
      ├── FillBroken               a fill failed while a reader streamed it: cut the connection
      └── StoreError               the local disk failed (full, read-only, I/O error)
           └── NoRoom              the policy cannot make room for the image
@@ -169,6 +170,10 @@ class IntegrityError(CachenodeError):
 
 class FillFailed(CachenodeError):
     """Every tier was tried and none delivered the whole image."""
+
+
+class FillStopped(FillFailed):
+    """The image's bytes must go while it was filled (deleted in Glance): nothing committed."""
 
 
 class TiersBusy(FillFailed):

@@ -43,6 +43,7 @@ from cachenode.errors import (
     CachenodeError,
     FillBroken,
     FillFailed,
+    FillStopped,
     IntegrityError,
     NoRoom,
     StoreError,
@@ -89,6 +90,8 @@ class Fill:
         self.verified = False
         self.state = State.RUNNING
         self.error: CachenodeError | None = None
+        self.stopped: str | None = None  # why its bytes must go (``Fills.stop``)
+        self.ending = False  # in its cleanup: a stop no longer cancels it
         self.provenance = Provenance()
         self.readers = 0
         self._read_fd: int | None = None
@@ -108,8 +111,13 @@ class Fill:
 
     @property
     def failed(self) -> bool:
-        """Failed before its bytes verified: a reader must not finish its body."""
-        return self.state is State.FAILED and not self.verified
+        """Failed before its bytes verified, or stopped: a reader must not finish its body.
+
+        A stopped fill's readers are cut even after the bytes verified: the image is gone from
+        Glance. Only a reader that already had every byte handed over finishes (``spans``).
+        """
+        stopped = isinstance(self.error, FillStopped)
+        return self.state is State.FAILED and (not self.verified or stopped)
 
     def readable(self) -> int:
         """Bytes a reader may send: all that landed, except the last byte until verified."""
@@ -215,7 +223,7 @@ class Fills:
         metrics: Metrics,
         quarantine: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
-        make_room: Callable[[int], Awaitable[bool]] | None = None,
+        make_room: Callable[[str, int], Awaitable[bool]] | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.local = local
@@ -261,6 +269,26 @@ class Fills:
     def candidates(self, image_id: str) -> list[Tier]:
         return self.tiers.candidates(self.excluded(image_id))
 
+    def stop(self, image_id: str, why: str) -> bool:
+        """Stop the running fill of ``image_id`` because its bytes must go (``why``: the image
+        was deleted in Glance); whether one was running.
+
+        It commits nothing: its download is cancelled, its partial discarded, its room given
+        back, and an entry it committed meanwhile evicted; readers still streaming are cut
+        (``FillBroken``), never handed a clean body. Letting them finish would mean fetching
+        and writing an image nobody may ask for any more, from tiers that may stop serving it
+        halfway anyway; a cut caller that retries asks Glance first, and gets its 404.
+
+        The cancel is delivered on the next turn of the loop, never to a task that has not run
+        yet (it would end before its own cleanup), and not once the fill is cleaning up.
+        """
+        fill = self._running.get(image_id)
+        if fill is None:
+            return False
+        fill.stopped = why
+        asyncio.get_running_loop().call_soon(_cancel, fill)
+        return True
+
     def start(
         self, image: ImageInfo, creds: Credentials | None, priority: Priority = Priority.CALLER
     ) -> tuple[Fill, bool]:
@@ -293,9 +321,9 @@ class Fills:
             await self.limits.admission(tiers, fill.ticket, may_wait=False)
             kept = await self.local.take_partial(fill.image.id, fill.size, fill.verifier)
             part = Partial(fill.image.id, kept)  # from here on, discarded with the fill
-            # A kept partial's bytes are on disk already (fallocated), counted until now.
+            # A kept partial's bytes are on disk already (fallocated), and reserved for this fill.
             needed = fill.size if kept is None else 0
-            if self.make_room is not None and not await self.make_room(needed):
+            if self.make_room is not None and not await self.make_room(fill.image.id, needed):
                 raise NoRoom(f"no room for {fill.size} bytes within the policy")
             await finish(self.local.create_partial(part, fill.size))
             fill.attach(part.take_reader())
@@ -307,13 +335,19 @@ class Fills:
         except BaseException as exc:
             fill.error = self._failed(fill, exc)
             if not isinstance(exc, Exception):
-                shutdown = self._closing and fill.state is State.RUNNING
-                raise  # a cancel (shutdown): cleaned up below, then passed on
+                shutdown = self._closing and fill.state is State.RUNNING and not fill.stopped
+                if self._closing or not _is_stop(fill, exc):
+                    raise  # a cancel (shutdown): cleaned up below, then passed on
+                _uncancel()  # our own stop: the task ends as a failed fill, not cancelled
         finally:
+            fill.ending = True
             if part is not None and shutdown:
                 await finish(self.local.release(part))  # the next start resumes it
             elif part is not None:
                 await finish(self.local.discard(part))  # nothing left of a commit that happened
+            if fill.stopped is not None and fill.image.id in self.local:
+                await finish(self.local.evict(fill.image.id, fill.stopped))  # committed meanwhile
+            self.local.unreserve(fill.image.id)  # its file is gone or kept, or it is an entry
             # Readers learn the outcome only now, when nothing partial is left on disk.
             if fill.error is not None:
                 fill.state = State.FAILED
@@ -331,6 +365,10 @@ class Fills:
 
     def _failed(self, fill: Fill, exc: BaseException) -> CachenodeError:
         """What the fill's readers are told, with the log line and metrics of each failure."""
+        if _is_stop(fill, exc):
+            log.info("fill of %s stopped, nothing committed: image %s", fill.image.id,
+                     fill.stopped)  # fmt: skip
+            return FillStopped(f"image {fill.image.id} {fill.stopped} while it was filled")
         if isinstance(exc, IntegrityError):
             for tier in exc.tiers:
                 self.metrics.integrity_failures.labels(tier).inc()
@@ -357,6 +395,8 @@ class Fills:
     def _outcome(fill: Fill) -> str:
         if fill.state is State.COMMITTED:
             return "ok"
+        if isinstance(fill.error, FillStopped):
+            return "deleted"
         if isinstance(fill.error, IntegrityError):
             return "integrity"
         if isinstance(fill.error, TiersBusy):
@@ -440,6 +480,26 @@ class Fills:
             del self._running[fill.image.id]
             self.metrics.inflight_fills.dec()
             fill._notify()
+
+
+def _cancel(fill: Fill) -> None:
+    """Cancel a stopped fill's task, unless it is cleaning up already (a cancel there would
+    cut its cleanup short)."""
+    if fill.task is not None and not fill.ending:
+        fill.task.cancel()
+
+
+def _is_stop(fill: Fill, exc: BaseException) -> bool:
+    """Whether ``exc`` is the cancel ``Fills.stop`` sent (not a shutdown's)."""
+    return fill.stopped is not None and isinstance(exc, asyncio.CancelledError)
+
+
+def _uncancel() -> None:
+    """The current task caught a cancel meant for it alone: it ends as it sees fit, and is not
+    reported as cancelled any more."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
 
 
 def _beyond(fill: Fill, end: int, sent: int) -> bool:

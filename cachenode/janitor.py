@@ -13,7 +13,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 from cachenode import journal
 from cachenode.errors import CachenodeError
@@ -23,7 +22,7 @@ from cachenode.identity import ServiceIdentity
 from cachenode.limits import Priority
 from cachenode.local import Local
 from cachenode.metrics import Metrics
-from cachenode.policy import Plan, Policy, Usage, plan_over
+from cachenode.policy import Plan, Policy, Usage, plan_over, with_in_flight
 from cachenode.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -46,25 +45,31 @@ class Janitor:
         if local.policy != policy:
             raise ValueError("the janitor must apply the policy L1's index is ordered by")
 
-    async def make_room(self, needed: int) -> bool:
-        """Evict what the policy allows so that ``needed`` more bytes fit; whether they do.
+    async def make_room(self, image_id: str, needed: int) -> bool:
+        """Evict what the policy allows so that ``needed`` more bytes fit, and reserve them for
+        the fill of ``image_id``; whether they fit.
 
-        All or nothing (``policy.plan_over``): when they cannot fit, nothing is evicted, and the
-        fill that asked is passed through.
+        All or nothing (``policy.plan_over``): when they cannot fit, nothing is evicted and
+        nothing reserved, and the fill that asked is passed through. The fill gives its room back
+        when it ends (``Local.unreserve``; a commit does it as the entry is counted).
         """
-        fits = await self.sweep(needed)
+        fits = await self.sweep(needed, reserve_for=image_id)
         if not fits:
             log.info("no room for an image of %s within policy %s: nothing evicted for it",
                      format_bytes(needed), self.policy.name)  # fmt: skip
         return fits
 
-    async def sweep(self, needed: int = 0) -> bool:
-        """Plan over L1's index and carry the plan out; whether ``needed`` more bytes fit.
+    async def sweep(self, needed: int = 0, reserve_for: str | None = None) -> bool:
+        """Plan over L1's index and carry the plan out; whether ``needed`` more bytes fit (then
+        reserved for the fill of ``reserve_for``, if given).
 
-        The plan and the claim of its entries run with no await in between (``Local.claim``),
-        so two sweeps never choose the same entry or count bytes another already freed; each
-        then waits only for the removal of its own evictions. A plan reads about as many
-        entries as it evicts (``cachenode.index``), however many L1 holds.
+        The plan, the claim of its entries and the reservation run with no await in between
+        (``Local.claim``, ``Local.reserve``), so two sweeps never choose the same entry, count
+        bytes another already freed, or give the same room to two fills; each then waits only
+        for the removal of its own evictions. The room of fills in flight is cache bytes in the
+        plan (``policy.with_in_flight``): fills that start together cannot take L1 past the
+        policy between them. A plan reads about as many entries as it evicts
+        (``cachenode.index``), however many L1 holds.
 
         Partials a previous run left (``cachenode.journal``) count as cache bytes, last a day at
         most, and all go before any entry would be evicted for room.
@@ -77,13 +82,17 @@ class Janitor:
             usage = await self._usage()
             result = plan_over(self.local.index, self.policy, usage, self.clock(), needed)
         claimed = self.local.claim((e.image_id, e.reason) for e in result.evictions)
+        if reserve_for is not None and needed and result.fits:
+            self.local.reserve(reserve_for, needed)
         self.metrics.cache_capacity.set(self.policy.max_bytes.resolve(usage.disk_total))
         await self.local.remove(claimed)
         return result.fits
 
     async def _usage(self) -> Usage:
+        """L1's usage with the bytes not committed yet (kept partials, fills in flight) counted;
+        read after the last await, so the plan made from it right after sees them all."""
         usage = await self.local.usage()
-        return replace(usage, cache_bytes=usage.cache_bytes + self.local.kept_bytes)
+        return with_in_flight(usage, *self.local.in_flight())
 
     async def run(self, warmer: Warmer | None) -> None:
         """Sweep every ``interval``, warm every ``warm_interval``, until cancelled."""

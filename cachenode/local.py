@@ -16,6 +16,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HELD_BLOBS = 128  # blobs held open for hits; far below any descriptor limit a host sets
+
+
+@dataclass
+class Reservation:
+    """Room a fill in flight holds in L1 until its entry is committed or its file discarded."""
+
+    size: int
+    on_disk: bool  # its file exists (fallocated whole): the filesystem counts it already
 
 
 class Partial:
@@ -115,6 +124,7 @@ class Local:
         self._evicting: dict[str, asyncio.Event] = {}  # set once the image's eviction is done
         self._flusher: asyncio.Task[None] | None = None
         self.kept: dict[str, journal.Kept] = {}  # partials of a previous run, not adopted yet
+        self.reserved: dict[str, Reservation] = {}  # room of fills in flight, by image
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args))
@@ -319,18 +329,40 @@ class Local:
         """Disk held by partials of a previous run (each fallocated to its image's size)."""
         return sum(k.record.size for k in self.kept.values())
 
+    def in_flight(self) -> tuple[int, int]:
+        """Bytes that will be entries and are not yet: (on disk already, reserved only).
+
+        Kept partials and the files of running fills are on disk; the room a fill reserved
+        before creating its file is not. ``policy.with_in_flight`` counts both as cache bytes.
+        """
+        on_disk = self.kept_bytes + sum(r.size for r in self.reserved.values() if r.on_disk)
+        pending = sum(r.size for r in self.reserved.values() if not r.on_disk)
+        return on_disk, pending
+
+    def reserve(self, image_id: str, size: int, on_disk: bool = False) -> None:
+        """Hold ``size`` bytes of L1 for the fill of ``image_id``; synchronous, so a plan and the
+        reservation it allows happen with no await in between (``Janitor.sweep``)."""
+        self.reserved[image_id] = Reservation(size, on_disk)
+
+    def unreserve(self, image_id: str) -> None:
+        """Give the fill's room back: its entry is counted now, or its file is gone."""
+        self.reserved.pop(image_id, None)
+
     async def take_partial(
         self, image_id: str, size: int, verifier: tuple[str, str]
     ) -> journal.Kept | None:
         """The partial a previous run left for this image, if it is still this image (Glance's
         size and hash as the caller sees them); one that is not is removed. Only one fill may
-        take it: it leaves ``kept`` before the first await."""
+        take it: it leaves ``kept`` before the first await, and its bytes stay counted, as the
+        room this fill reserved (``in_flight``), until the fill ends."""
         kept = self.kept.pop(image_id, None)
         if kept is None:
             return None
+        self.reserve(image_id, kept.record.size, on_disk=True)  # counted as kept until now
         if why := kept.record.mismatch(size, verifier):
             log.info("not resuming the fill of %s: %s", image_id, why)
             await finish(self._run(journal.remove, [kept]))
+            self.unreserve(image_id)
             return None
         return kept
 
@@ -347,8 +379,11 @@ class Local:
 
     async def create_partial(self, part: Partial, size: int) -> None:
         """Open ``part``'s file and journal: a new file with ``size`` bytes reserved, or the one
-        ``part.kept`` names, open for writing and reading."""
+        ``part.kept`` names, open for writing and reading. The room reserved for it is on disk
+        from now on: the filesystem counts it."""
         await self._run(self._create_partial, part, size)
+        if (reservation := self.reserved.get(part.image_id)) is not None:
+            reservation.on_disk = True
 
     def _create_partial(self, part: Partial, size: int) -> None:
         if part.kept is not None:
@@ -389,6 +424,7 @@ class Local:
         await self._run(self._commit, part.path, part.take(), entry, part.journal)
         self._release(entry.image_id)
         self.index.add(entry)
+        self.unreserve(entry.image_id)  # with the add: its bytes are counted once, always
         self._publish()
 
     def _commit(self, path: Path, fd: int, entry: Entry, log: Path | None = None) -> None:

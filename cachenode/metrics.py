@@ -19,7 +19,7 @@ _FILL = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 STATUSES = ("hit", "miss", "joined", "bypass", "denied", "error")
 AUTHZ = ("allowed", "cached", "stale", "denied", "undecided", "error")
-FILL_OUTCOMES = ("ok", "integrity", "error", "no_room", "busy")
+FILL_OUTCOMES = ("ok", "integrity", "error", "no_room", "busy", "deleted")
 TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_found",
                  "bad_location", "credentials")  # fmt: skip
 EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsistent")

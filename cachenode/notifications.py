@@ -5,7 +5,8 @@ the topic exchange ``glance`` with routing key ``notifications.info``, each body
 envelope ``{"oslo.version": "2.0", "oslo.message": "<json>"}``. The listener binds a queue of its
 own to that exchange and acts on:
 
-    image.delete                   evict the image from L1 and forget its authorizations
+    image.delete                   evict the image from L1, stop a fill of it in flight (nothing
+                                   committed, readers cut), forget its authorizations
     image.update, image.member.*   forget its authorizations (the next caller is asked of Glance)
     image.activate                 warm it, when the warm policy selects it (``Warmer.activated``)
 
@@ -15,6 +16,12 @@ Decisions:
   image to look up. Anyone who can publish on the bus could forge it; the worst a forgery does is
   cost a probe or a download. Warming reads the image from Glance with the service credentials
   and asks the policy about Glance's record, not the payload's.
+- A delete also stops the image's fill in flight (``Fills.stop``): it would commit bytes nobody
+  may ask for again, holding disk until something noticed; its readers are cut, as Glance would
+  refuse them now (a retry is asked of Glance first: 404). Only a delete means the bytes must
+  go: a deactivation (an ``image.update``) keeps the entry, as it may be reactivated, and keeps
+  its fill, whose readers were authorized before it, like a hit being streamed at that moment;
+  the next caller is asked of Glance.
 - Every ``image.update`` forgets, not only a deactivation or a visibility change: the payload is
   the image after the change, so a visibility change cannot be told from a rename without
   remembering the previous state; an update is rare and costs one probe per remembered caller.
@@ -219,11 +226,13 @@ class Invalidator:
         forget: Callable[[str], None],
         evict: Callable[[str, str], Any],
         warm: Callable[[str], object] | None,
+        stop_fill: Callable[[str, str], bool] = lambda image_id, why: False,
     ) -> None:
         self.metrics = metrics
         self.forget = forget
         self.evict = evict
         self.warm = warm
+        self.stop_fill = stop_fill
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __call__(self, notice: Notice) -> None:
@@ -240,6 +249,8 @@ class Invalidator:
         self.forget(notice.image_id)
         if action == "evict":
             log.info("notifications: %s deleted in Glance: evicting it", notice.image_id)
+            if self.stop_fill(notice.image_id, "deleted"):
+                log.info("notifications: stopping the fill of %s", notice.image_id)
             task = asyncio.ensure_future(self.evict(notice.image_id, "deleted"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -182,6 +182,23 @@ class Usage:
     disk_free: int
 
 
+def with_in_flight(usage: Usage, on_disk: int, pending: int) -> Usage:
+    """``usage`` with the bytes that are not entries yet counted as cache bytes.
+
+    ``on_disk``: files already on the filesystem (partials a previous run kept, the files of fills
+    in flight, fallocated whole), so already out of ``disk_free``. ``pending``: room reserved for
+    fills whose file is not created yet, so taken from ``disk_free`` here. A plan that left
+    either out would give the same room twice to fills that start together, and L1 would end up
+    past ``max_bytes`` (or the disk under ``min_free_disk``) once they commit. A file being
+    created while the disk is read may be counted twice: the plan sees less room, never more.
+    """
+    return Usage(
+        cache_bytes=usage.cache_bytes + on_disk + pending,
+        disk_total=usage.disk_total,
+        disk_free=usage.disk_free - pending,
+    )
+
+
 @dataclass(frozen=True)
 class Eviction:
     image_id: str
@@ -252,9 +269,10 @@ def plan_over(
     """What to evict so that the cache keeps to ``policy`` with ``needed`` more bytes in it.
 
     Only ``candidates`` are chosen: pinned entries are not among them (fills are not entries
-    yet: never chosen either). Idle entries (``max_idle``) go first; then, in the policy's order,
-    entries until the cache is under ``low_watermark`` of ``max_bytes`` (once it passed
-    ``high_watermark``) and the filesystem keeps ``min_free_disk`` free.
+    yet: never chosen either; their room is in ``usage``, see ``with_in_flight``). Idle entries
+    (``max_idle``) go first; then, in the policy's order, entries until the cache is under
+    ``low_watermark`` of ``max_bytes`` (once it passed ``high_watermark``) and the filesystem
+    keeps ``min_free_disk`` free.
 
     An image is admitted whole or not at all: when ``needed`` bytes are over ``max_object_size``,
     or would not fit even with every candidate gone, the plan evicts nothing and does not fit.

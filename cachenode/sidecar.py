@@ -93,7 +93,7 @@ class Sidecar:
             return None
         self.metrics.listening()
         act = Invalidator(self.metrics, self._forget(authz), self.local.evict,
-                          warmer.activated if warmer else None)  # fmt: skip
+                          warmer.activated if warmer else None, self.fills.stop)  # fmt: skip
         self.listener = Listener(self.config.notifications_url.reveal(), act, self.metrics,
                                  asyncio.get_running_loop(), authz.forget_all,
                                  self.config.notifications_durable)  # fmt: skip

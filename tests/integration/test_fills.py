@@ -16,9 +16,10 @@ import pytest
 
 from cachenode import journal
 from cachenode.config import TierConfig
-from cachenode.errors import FillFailed, IntegrityError, StoreError
+from cachenode.errors import FillBroken, FillFailed, FillStopped, IntegrityError, StoreError
 from cachenode.fill import Fill, Fills
 from cachenode.glance import ImageInfo
+from cachenode.janitor import Janitor
 from cachenode.local import Local
 from cachenode.metrics import Metrics
 from cachenode.tiers import TierSet, build_tier
@@ -268,3 +269,81 @@ def test_a_cancel_before_commit_leaves_no_descriptor_and_only_a_resumable_partia
     assert log == journal.path_for(partial) and found is not None
     assert found[1].spans == ((0, landed[0]),) and landed[0] > 0
     assert partial.read_bytes()[: landed[0]] == data[: landed[0]]
+
+
+def with_room(fills: Fills) -> Fills:
+    """``fills`` asking a janitor for room, as the sidecar's do: their room is then reserved."""
+    fills.make_room = Janitor(fills.local, fills.local.policy, fills.metrics).make_room
+    return fills
+
+
+def stopped_cleanly(fills: Fills, fill: Fill) -> None:
+    """What a stop leaves: a failed fill, counted, with no entry, no partial, no room held."""
+    assert fill.done and isinstance(fill.error, FillStopped) and fill.failed
+    assert fill.task is not None and not fill.task.cancelled()  # a failed fill, not a shutdown
+    assert fills.get(IMAGE_ID) is None and IMAGE_ID not in fills.local
+    assert fills.local.reserved == {}
+    assert fills.metrics.inflight_fills._value.get() == 0
+    assert fills.metrics.fills.labels(fill.tier or "none", "deleted")._value.get() == 1
+    assert list((fills.local.root / "partial").iterdir()) == []
+    assert not fills.local.blobs.path(IMAGE_ID).exists()
+
+
+@pytest.mark.parametrize("stop_at", ["start", "download"])
+def test_a_stopped_fill_commits_nothing_and_gives_its_room_back(
+    tmp_path: Path, stop_at: str
+) -> None:
+    """Stopped (its image deleted in Glance) before its task first ran, or mid-body: it ends
+    as a failed fill, its readers cut, its partial and reserved room gone."""
+    data = os.urandom(4 << 20)
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            with_room(fills)
+            fill, _ = fills.start(image_of(data), None)
+            if stop_at == "download":
+                await fill.wait(lambda: fill.landed > 0)
+                assert fills.local.reserved[IMAGE_ID].size == len(data)
+            assert fills.stop(IMAGE_ID, "deleted")
+            assert fill.task is not None
+            await fill.task
+            stopped_cleanly(fills, fill)
+            with pytest.raises(FillBroken):
+                async for _ in fill.spans(0, len(data)):
+                    pass
+
+    throttle = Fault("throttle", rate=1 << 20, times=-1)
+    with Upstream(blobs={IMAGE_ID: data}, faults=[throttle]) as upstream:
+        asyncio.run(main())
+
+
+def test_a_fill_stopped_during_its_commit_is_evicted_once_committed(tmp_path: Path) -> None:
+    """The stop lands while the commit is in its thread: the commit completes (a rename is not
+    stopped halfway), then the entry goes, as its image was deleted."""
+    data = os.urandom(1 << 20)
+    in_commit, release = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            with_room(fills)
+            real_commit = fills.local.blobs.commit
+
+            def commit(path: Path, fd: int, image_id: str) -> Path:
+                in_commit.set()
+                release.wait(10)
+                return real_commit(path, fd, image_id)
+
+            fills.local.blobs.commit = commit  # type: ignore[method-assign]
+            fill, _ = fills.start(image_of(data), None)
+            await asyncio.get_running_loop().run_in_executor(None, in_commit.wait, 10)
+            assert fills.stop(IMAGE_ID, "deleted")
+            for _ in range(20):
+                await asyncio.sleep(0)  # the cancel is delivered while the commit is held
+            release.set()
+            assert fill.task is not None
+            await fill.task
+            stopped_cleanly(fills, fill)
+            assert fills.metrics.evictions.labels("deleted")._value.get() == 1
+
+    with Upstream(blobs={IMAGE_ID: data}) as upstream:
+        asyncio.run(main())

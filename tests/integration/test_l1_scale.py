@@ -86,7 +86,7 @@ def test_a_sweep_of_10000_entries_touches_only_what_it_evicts(tmp_path: Path) ->
         async with l1(tmp_path, policy, clock) as local:
             janitor = Janitor(local, policy, local.metrics, clock=clock)
             calls = count_calls(local.catalog)
-            assert await janitor.make_room(evicted * 10)
+            assert await janitor.make_room("img-new", evicted * 10)
             assert calls == Counter(delete=evicted)  # no read, no scan: one delete an eviction
             gone = [f"img-{i:05d}" for i in range(evicted)]  # the least recently used
             assert not any(i in local for i in gone) and f"img-{evicted:05d}" in local
@@ -120,19 +120,22 @@ def test_two_fills_never_wait_for_each_others_eviction(tmp_path: Path) -> None:
                 return real_remove(image_id)
 
             local.blobs.remove = remove  # type: ignore[method-assign]
-            first = asyncio.create_task(janitor.make_room(100))
+            first = asyncio.create_task(janitor.make_room("img-a", 100))
             try:
                 await asyncio.to_thread(entered.wait)  # its eviction of img-00000 is under way
-                assert await janitor.make_room(200)  # the second: not behind the first
+                # The second: not behind the first, and the first's 100 bytes are reserved: 300
+                # + 100 + 200 is past 400, so two more entries go (not one: over-committed then).
+                assert await janitor.make_room("img-b", 200)
                 assert not first.done()
                 assert "img-00000" not in local and "img-00001" not in local  # each its own
+                assert "img-00002" not in local and local.reserved.keys() == {"img-a", "img-b"}
                 assert not local.blobs.path("img-00001").exists()
                 assert local.blobs.path("img-00000").exists()
             finally:
                 release.set()
             assert await first
-            assert local.total_entries == 2 and not local.blobs.path("img-00000").exists()
-            assert local.metrics.evictions.labels("size")._value.get() == 2
+            assert local.total_entries == 1 and not local.blobs.path("img-00000").exists()
+            assert local.metrics.evictions.labels("size")._value.get() == 3
 
     asyncio.run(main())
 

@@ -7,16 +7,19 @@ doing. Glance publishes on a private RabbitMQ (tests/testbed/start-rabbitmq.sh).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import requests
 
+from cachenode.catalog import Catalog
 from tests.integration.test_authz import direct
 from tests.support.clients import wait_for
 from tests.support.glance import ADMIN, ALICE, CAROL, Glance, Image
 from tests.support.rabbit import Rabbit, envelope
 from tests.support.sidecar import Sidecar
+from tests.support.upstream import Fault, Upstream
 
 MiB = 1 << 20
 
@@ -121,6 +124,59 @@ def test_warm_on_upload(
     assert hit.headers["X-Cachenode-Status"] == "HIT" and hit.content == golden.data
     assert plain.id not in [b.name for b in car.blobs()]  # activated too, but not selected
     assert car.metric("cachenode_notifications_total", event="image.activate", action="warm") == 2
+
+
+def test_a_fill_of_a_deleted_image_stops_and_commits_nothing(
+    sidecar_factory, rabbit: Rabbit, glance_notifying: Glance, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A caller streams a fill that its tier holds at 2 MiB of 4; the image is deleted in
+    Glance. The fill stops: the caller is cut, nothing of it stays in L1 (catalog, blobs,
+    partials), the tier is not asked again, and the next request gets Glance's 404."""
+    glance = glance_notifying
+    image = glance.create_image(4 * MiB)
+    hold = Fault("hold", at=2 * MiB, seconds=30)
+    with Upstream(target=glance.url, faults=[hold]) as l2:
+        car: Sidecar = sidecar_factory(
+            glance_url=glance.url,
+            authz={"ttl": "10m"},
+            notifications={"transport_url_file": str(rabbit.url_file(tmp_path))},
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        ).start()
+        wait_for(lambda: car.metric("cachenode_notifications_connected") == 1, timeout=20)
+        received: list[bytes] = []
+        broken: list[Exception] = []
+
+        def stream() -> None:
+            url = f"{car.url}/v2/images/{image.id}/file"
+            try:
+                with requests.get(url, headers={"X-Auth-Token": ALICE}, stream=True,
+                                  timeout=60) as resp:  # fmt: skip
+                    assert resp.headers["X-Cachenode-Status"] == "MISS"
+                    for chunk in resp.iter_content(64 * 1024):
+                        received.append(chunk)
+            except requests.exceptions.RequestException as exc:
+                broken.append(exc)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert hold.reached.wait(20)  # the tier sent 2 MiB and holds the rest
+        wait_for(lambda: sum(map(len, received)) > 0)  # the caller is streaming
+        asked = len(l2.requests_for(image.id))
+        glance.api("DELETE", f"/v2/images/{image.id}").raise_for_status()
+        wait_for(lambda: car.metric("cachenode_fills_total", tier="regional",
+                                    outcome="deleted") == 1, timeout=10)  # fmt: skip
+        reader.join(30)
+        body = b"".join(received)
+        assert broken and len(body) < len(image.data)  # cut: never a complete clean body
+        assert body == image.data[: len(body)]
+        car.settle()
+        assert car.blobs() == [] and car.partials() == []
+        assert [e.image_id for e in Catalog(car.cache_dir / "catalog").entries()] == []
+        assert car.metric("cachenode_cache_entries") == 0
+        hold.release()  # what the tier still had goes nowhere: the fill hung up
+        assert car.get(image.id, ALICE).status_code == 404  # Glance's answer, asked first
+        assert len(l2.requests_for(image.id)) == asked  # the tier: not asked again
+        assert car.blobs() == [] and car.partials() == []
 
 
 def test_a_bus_outage_costs_no_download(

@@ -234,3 +234,74 @@ def test_a_full_disk_passes_through_and_makes_room(
         == 1
     )
     assert sidecar.partials() == []
+
+
+def test_concurrent_fills_never_take_l1_past_max_bytes(
+    glance: Glance, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Three 4 MiB fills start together within 10 MiB: each fits alone, two fit together. The
+    bytes the first two reserved (fallocated, not committed yet) count in the third one's plan:
+    it is passed through, and L1 never holds more than max_bytes."""
+    policy = policy_file(tmp_path, max_bytes="10MiB", high_watermark=1.0, low_watermark=1.0,
+                         min_free_disk=0)  # fmt: skip
+    images = [glance.create_image(4 * MiB) for _ in range(3)]
+    hold = Fault("hold", at=1 * MiB, times=-1)  # every fill stops at 1 MiB until released
+    with Upstream(target=glance.url, faults=[hold]) as l2:
+        sidecar = sidecar_factory(
+            cache={"policy": policy},
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        ).start()
+        got: dict[str, requests.Response] = {}
+
+        def download(image_id: str) -> None:
+            got[image_id] = sidecar.get(image_id, ALICE, settle=False)
+
+        readers = [threading.Thread(target=download, args=(i.id,)) for i in images]
+        for reader in readers:
+            reader.start()
+
+        # Two fills hold their room (a file and a journal each); the third went to Glance. Three
+        # files and journals is the over-commit this test is about.
+        def room_decided() -> bool:
+            no_room = sidecar.metric("cachenode_passthrough_total", reason="no_room")
+            return len(sidecar.partials()) == 6 or (no_room == 1 and len(sidecar.partials()) == 4)
+
+        wait_for(room_decided)
+        assert len(sidecar.partials()) == 4
+        assert sidecar.metric("cachenode_inflight_fills") == 2
+        hold.release()
+        for reader in readers:
+            reader.join(60)
+        sidecar.settle()
+        statuses = sorted(r.headers["X-Cachenode-Status"] for r in got.values())
+        assert statuses == ["BYPASS", "MISS", "MISS"]
+        assert all(got[i.id].content == i.data for i in images)
+        bypassed = next(i for i in images if got[i.id].headers["X-Cachenode-Status"] == "BYPASS")
+        assert l2.requests_for(bypassed.id) == []  # passed through to Glance, not to the tier
+        assert sidecar.metric("cachenode_cache_bytes") == 8 * MiB
+        assert len(sidecar.blobs()) == 2 and sidecar.partials() == []
+        assert sidecar.metric("cachenode_fills_total", tier="none", outcome="no_room") == 1
+
+
+def test_a_failed_fill_gives_its_room_back(glance: Glance, sidecar_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Room for one 4 MiB image in 6 MiB: a fill that breaks after its file was made gives its
+    room back when its file goes, so the next image gets it (kept, it would be passed through)."""
+    policy = policy_file(tmp_path, max_bytes="6MiB", high_watermark=1.0, low_watermark=1.0,
+                         min_free_disk=0)  # fmt: skip
+    broken, after = glance.create_image(4 * MiB), glance.create_image(4 * MiB)
+    with Upstream(target=glance.url, faults=[Fault("reset", at=1 * MiB)]) as l2:
+        sidecar = sidecar_factory(
+            cache={"policy": policy},
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        ).start()
+        try:
+            resp = sidecar.get(broken.id, ALICE)
+            assert resp.headers["X-Cachenode-Status"] == "BYPASS"  # failed before its headers
+        except requests.exceptions.RequestException:
+            sidecar.settle()  # cut mid-body: never a clean body of a broken fill
+        assert sidecar.metric("cachenode_fills_total", tier="regional", outcome="error") == 1
+        assert sidecar.partials() == [] and sidecar.blobs() == []
+        resp = sidecar.get(after.id, ALICE)
+        assert resp.headers["X-Cachenode-Status"] == "MISS" and resp.content == after.data
+        assert [p.name for p in sidecar.blobs()] == [after.id]
+        assert sidecar.metric("cachenode_passthrough_total", reason="no_room") == 0

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from cachenode.errors import FillBroken, FillFailed, IntegrityError
+from cachenode.errors import FillBroken, FillFailed, FillStopped, IntegrityError
 from cachenode.fill import Fill, State
 from cachenode.glance import ImageInfo
 
@@ -87,5 +87,21 @@ def test_a_verified_fill_serves_every_byte_even_if_its_commit_failed() -> None:
         await fill.ready(0)
         await collect(fill, 10, SIZE, got)
         assert got == [(10, SIZE - 10)]
+
+    asyncio.run(main())
+
+
+def test_a_stopped_fill_cuts_its_readers_even_once_verified() -> None:
+    """The image was deleted in Glance: what has not been handed over yet is not sent."""
+
+    async def main() -> None:
+        fill = new_fill()
+        fill.advance(SIZE)
+        fill.verified = True
+        fill.error, fill.state = FillStopped("deleted"), State.FAILED
+        with pytest.raises(FillStopped):
+            await fill.ready(0)
+        with pytest.raises(FillBroken):
+            await collect(fill, 10, SIZE, [])
 
     asyncio.run(main())

@@ -81,7 +81,7 @@ def test_a_partial_goes_before_any_entry_is_evicted_for_room(tmp_path: Path) -> 
         keeper = janitor(local)
         assert await keeper.sweep()  # 9 MiB of 10: under the high watermark, nothing goes
         assert path.exists() and CACHED in local
-        assert await keeper.make_room(2 * MiB)  # over it with the partial: the partial goes
+        assert await keeper.make_room("new", 2 * MiB)  # over it with the partial: the partial goes
         assert not path.exists() and local.kept == {}
         assert CACHED in local
         await local.stop()

@@ -162,13 +162,18 @@ def test_an_activated_image_is_warmed_after_its_jitter_when_selected() -> None:
 def test_the_invalidator_forgets_evicts_and_counts() -> None:
     forgotten: list[str] = []
     evicted: list[tuple[str, str]] = []
+    stopped: list[tuple[str, str]] = []
 
     async def evict(image_id: str, reason: str) -> int:
         evicted.append((image_id, reason))
         return 1
 
+    def stop_fill(image_id: str, why: str) -> bool:
+        stopped.append((image_id, why))
+        return True
+
     async def run() -> None:
-        act = Invalidator(Metrics(), forgotten.append, evict, None)
+        act = Invalidator(Metrics(), forgotten.append, evict, None, stop_fill)
         act(Notice("image.delete", IMAGE, "evict"))
         act(Notice("image.member.delete", "other", "forget"))
         act(Notice("image.activate", IMAGE, "warm"))  # no warmer: ignored
@@ -185,3 +190,4 @@ def test_the_invalidator_forgets_evicts_and_counts() -> None:
     asyncio.run(run())
     assert forgotten == [IMAGE, "other"]
     assert evicted == [(IMAGE, "deleted")]
+    assert stopped == [(IMAGE, "deleted")]  # only a delete stops a fill in flight
