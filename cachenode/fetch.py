@@ -146,6 +146,8 @@ class Fetch:
                     for s, e in wanted.overlapping(pos, end):
                         await self._put(tier, view[s - pos : e - pos], s)
                         wanted.discard(s, e)
+                        if e < end:
+                            self.sink.end(e)  # the bytes after it were there already
                     pos = end
                     if not wanted and pos < self.size:
                         break  # the rest is there already (a whole read still checks its end)
@@ -155,6 +157,7 @@ class Fetch:
         except TierError as exc:
             self._failed(tier, exc, pos)
         finally:
+            self.sink.end(pos)
             for s, e in wanted:
                 self.missing.add(s, e)
 
@@ -190,6 +193,7 @@ class Fetch:
                 failures = 2 if isinstance(exc, _HOPELESS) else failures + 1
                 self._failed(tier, exc, pos)
             finally:
+                self.sink.end(pos)
                 self.missing.add(pos, end)  # what this piece did not get goes back
 
     async def _put(self, tier: Tier, data: memoryview, offset: int) -> None:

@@ -54,6 +54,7 @@ from cachenode.glance import Credentials, ImageInfo
 from cachenode.limits import Limits, Priority, Ticket
 from cachenode.local import Local, Partial, finish
 from cachenode.metrics import Metrics
+from cachenode.recent import Recent
 from cachenode.sink import Sink
 from cachenode.spans import Spans
 from cachenode.tiers import Tier, TierSet
@@ -95,6 +96,7 @@ class Fill:
         self.provenance = Provenance()
         self.readers = 0
         self._read_fd: int | None = None
+        self.recent: Recent | None = None  # the last bytes received, for readers to send
         self._changed = asyncio.Event()
         self._announced = 0
         self._pending: asyncio.TimerHandle | None = None
@@ -417,8 +419,10 @@ class Fills:
         header = journal.Record(fill.image.id, fill.size, *fill.verifier)
         recorder = journal.Recorder(part.journal_fd, part.fd, header,
                                     part.kept.seq + 1 if part.kept else 0)  # fmt: skip
+        direct = None if part.direct_fd is None else (part.direct_fd, fill.size)
         sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance,
-                    recorder.written)  # fmt: skip
+                    recorder.written, direct)  # fmt: skip
+        fill.recent = sink.recent
         have = Spans(part.kept.record.spans if part.kept else ())
         if have:
             fill.resumed = have.total

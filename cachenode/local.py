@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from cachenode import crash, journal
+from cachenode import crash, direct, journal
 from cachenode.blobs import BlobStore
 from cachenode.catalog import Catalog, Entry
 from cachenode.errors import StoreError
@@ -43,6 +43,13 @@ class Reservation:
     on_disk: bool  # its file exists (fallocated whole): the filesystem counts it already
 
 
+def _owned(part: Partial) -> list[int]:
+    """The descriptors ``part`` still owns, handed to the caller to close."""
+    fds = [fd for fd in (part.fd, part.read_fd, part.direct_fd, part.journal_fd) if fd is not None]
+    part.fd = part.read_fd = part.direct_fd = part.journal_fd = None
+    return fds
+
+
 class Partial:
     """A fill's file while it is being written, its journal, and the descriptors it owns.
 
@@ -60,6 +67,7 @@ class Partial:
         self.journal = kept.journal if kept else None
         self.fd: int | None = None
         self.read_fd: int | None = None
+        self.direct_fd: int | None = None  # whole blocks go around the page cache
         self.journal_fd: int | None = None
 
     def take(self) -> int:
@@ -393,16 +401,16 @@ class Local:
             except OSError as exc:
                 # Gone or changed since start: this fill starts afresh instead.
                 log.warning("cannot resume the fill of %s: %s", part.image_id, exc)
-                fds = [fd for fd in (part.fd, part.journal_fd) if fd is not None]
-                self.blobs.discard(part.path, fds)
+                self.blobs.discard(part.path, _owned(part))
                 journal.remove([part.kept])
-                part.kept, part.fd, part.journal_fd = None, None, None
+                part.kept = None
         part.path, part.fd = self.blobs.create_partial(part.image_id, size)
         part.journal = journal.path_for(part.path)
         try:
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             part.journal_fd = os.open(part.journal, flags, 0o640)
             part.read_fd = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
+            part.direct_fd = direct.open_direct(part.path)
         except OSError as exc:
             raise StoreError(f"cannot open {part.path}: {exc.strerror}") from exc
 
@@ -414,6 +422,7 @@ class Local:
             raise OSError(0, f"{part.path.name} is no longer {size} bytes long")
         part.journal_fd = os.open(part.journal, os.O_RDWR | os.O_CLOEXEC)
         part.read_fd = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
+        part.direct_fd = direct.open_direct(part.path)
 
     async def commit(self, part: Partial, entry: Entry) -> None:
         """Make ``part`` the image's entry. Takes its write descriptor, closed whatever happens;
@@ -421,6 +430,9 @@ class Local:
         assert part.path is not None
         while (evicting := self._evicting.get(entry.image_id)) is not None:
             await evicting.wait()  # the eviction of its previous entry must not remove this one
+        if part.direct_fd is not None:
+            fd, part.direct_fd = part.direct_fd, None
+            os.close(fd)  # the fill's writes are done: the commit's fsync covers them
         await self._run(self._commit, part.path, part.take(), entry, part.journal)
         self._release(entry.image_id)
         self.index.add(entry)
@@ -447,8 +459,7 @@ class Local:
     async def discard(self, part: Partial) -> None:
         """Close what ``part`` still owns and remove its file (gone already after a commit) and
         its journal."""
-        fds = [fd for fd in (part.fd, part.read_fd, part.journal_fd) if fd is not None]
-        part.fd = part.read_fd = part.journal_fd = None
+        fds = _owned(part)
         if part.path is not None or fds:
             await self._run(self.blobs.discard, part.path, fds)
         if part.journal is not None:
@@ -456,8 +467,7 @@ class Local:
 
     async def release(self, part: Partial) -> None:
         """Close what ``part`` still owns and leave its file and journal for the next start."""
-        fds = [fd for fd in (part.fd, part.read_fd, part.journal_fd) if fd is not None]
-        part.fd = part.read_fd = part.journal_fd = None
+        fds = _owned(part)
         await self._run(self.blobs.discard, None, fds)
 
     async def evict(self, image_id: str, reason: str) -> int:

@@ -220,7 +220,7 @@ class DataPlane:
             try:
                 await self._begin(request, resp, status, started)
                 async for offset, count in fill.spans(start, end):
-                    await _sendfile(request, fobj, offset, count)
+                    await _send(request, resp, fill, fobj, offset, count)
                     self.metrics.served_bytes.labels(tier or "none").inc(count)
                     request[SENT] = offset + count - start
                 await resp.write_eof()
@@ -468,6 +468,26 @@ def error_response(exc: CachenodeError) -> web.Response:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(error_body(status, message), status=status, headers=headers)
+
+
+async def _send(
+    request: web.Request,
+    resp: web.StreamResponse,
+    fill: Fill,
+    fobj: IO[bytes],
+    offset: int,
+    count: int,
+) -> None:
+    """Bytes [offset, offset + count) of a fill: from memory while the fill still holds them
+    (``cachenode.recent``), from its file otherwise."""
+    end = offset + count
+    while offset < end:
+        held = fill.recent.get(offset, end) if fill.recent is not None else None
+        if held is None:
+            await _sendfile(request, fobj, offset, end - offset)
+            return
+        await resp.write(held)
+        offset += len(held)
 
 
 async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: int) -> None:

@@ -1,10 +1,12 @@
 """Where a fill's bytes go: written at their offsets, hashed in image order, off the event loop.
 
 Bytes may arrive out of order (parallel ranged requests) but each byte is put exactly once. Two
-single-thread executors do the work, each in the order it is given: one writes (pwrite), one
+single-thread executors do the work, each in the order it is given: one writes (pwrite; given a
+``direct`` descriptor, whole blocks go around the page cache, see ``cachenode.direct``), one
 hashes. A chunk that continues the hashed prefix is hashed from memory as it arrives; bytes that
-arrived ahead of it are hashed later, read back from the file (the page cache) once the written
-prefix reaches them. ``landed`` is that written prefix: readers may send everything below it.
+arrived ahead of it are hashed later, read back from the file once the written prefix reaches
+them. ``landed`` is that written prefix: readers may send everything below it. The last bytes
+received stay in memory (``recent``), for readers to send without reading them back.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from cachenode.direct import Runs, Write
 from cachenode.errors import StoreError
+from cachenode.recent import Recent
 from cachenode.spans import Spans
 
 READ_BACK = 1 << 20
+IDLE = 0.05  # seconds a run's partial block may wait for the rest of its bytes
 
 
 class Sink:
@@ -34,8 +39,14 @@ class Sink:
         write: Callable[[int, bytes | memoryview, int], None],
         on_landed: Callable[[int], None],
         on_written: Callable[[Spans, int], None] | None = None,
+        direct: tuple[int, int] | None = None,
     ) -> None:
+        """``direct``: an O_DIRECT descriptor on the same file and the file's size."""
         self.fd = fd
+        self.recent = Recent()
+        self._direct_fd = direct[0] if direct else None
+        self._runs = Runs(direct[1]) if direct else None
+        self._idle: asyncio.TimerHandle | None = None
         self.hasher: Any = hashlib.new(algorithm)
         self.landed = 0
         self._write = write
@@ -51,11 +62,15 @@ class Sink:
     async def put(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``; waits only when too many jobs are queued."""
         self._check()
-        loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(self._writer, self._write, self.fd, data, offset)
-        written.add_done_callback(partial(self._wrote, offset, offset + len(data)))
-        self._jobs.append(written)
+        if self._runs is None:
+            self._submit(Write(offset, memoryview(data), direct=False))
+        else:
+            for write in self._runs.put(data, offset):
+                self._submit(write)
+            self._watch()
+        self.recent.keep(data, offset)
         if offset == self._hashed_to:
+            loop = asyncio.get_running_loop()
             self._jobs.append(loop.run_in_executor(self._hashing, self.hasher.update, data))
             self._hashed_to += len(data)
         while len(self._jobs) > self.DEPTH:
@@ -63,8 +78,39 @@ class Sink:
             self._settle()
         self._check()
 
+    def end(self, offset: int) -> None:
+        """A run of puts (one request to a tier) stopped at ``offset``: write what it left."""
+        if self._runs is not None:
+            for write in self._runs.end(offset):
+                self._submit(write)
+
+    def _watch(self) -> None:
+        """While bytes wait for the rest of their block, look again in IDLE seconds: a run
+        that did not grow meanwhile is written as it is (readers and the journal get it)."""
+        if self._idle is None and self._runs is not None and self._runs.waiting:
+            self._idle = asyncio.get_running_loop().call_later(IDLE, self._end_idle)
+
+    def _end_idle(self) -> None:
+        self._idle = None
+        if self._runs is None or self._error is not None:
+            return
+        for write in self._runs.end_idle():
+            self._submit(write)
+        self._watch()
+
+    def _submit(self, write: Write) -> None:
+        fd = self._direct_fd if write.direct else self.fd
+        assert fd is not None
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._writer, self._write, fd, write.view, write.offset)
+        job.add_done_callback(partial(self._wrote, write))
+        self._jobs.append(job)
+
     async def drain(self) -> None:
         """Wait until every byte put so far is written and hashed; raise what failed."""
+        if self._runs is not None:
+            for write in self._runs.end_all():
+                self._submit(write)
         while self._jobs:
             await asyncio.wait(list(self._jobs))
             self._settle()
@@ -73,9 +119,12 @@ class Sink:
     def hexdigest(self) -> str:
         return str(self.hasher.hexdigest())
 
-    def _wrote(self, start: int, end: int, future: asyncio.Future[None]) -> None:
+    def _wrote(self, write: Write, future: asyncio.Future[None]) -> None:
         if future.cancelled() or self._error is not None:
             return
+        if self._runs is not None:
+            self._runs.release(write)
+        start, end = write.offset, write.end
         if (exc := future.exception()) is not None:
             self._error = exc
             return
@@ -130,6 +179,9 @@ class Sink:
         """Stop both threads: jobs still queued (after a failure) are dropped, and this returns
         only once the job each thread is running has finished. Only then may the descriptor be
         closed: a write still in flight would land in whatever file reuses its number."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         loop = asyncio.get_running_loop()
         for pool in (self._writer, self._hashing):
             await loop.run_in_executor(None, partial(pool.shutdown, wait=True, cancel_futures=True))

@@ -47,6 +47,15 @@ class Fetch:
     size: int
 
 
+def uncache(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache: its next reader reads the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def curl(url: str, token: str | None = None) -> Fetch:
     cmd = [
         "curl",
@@ -253,23 +262,32 @@ def main() -> int:
 
         rows: list[tuple[str, str, str, str]] = []
 
-        # L1 hit, one stream, vs nginx sendfile of the same file.
+        # L1 hit, one stream, vs nginx sendfile of a file in the same state: first with the
+        # file out of the page cache (a fill writes around it: the first hit reads the disk),
+        # then again, in the page cache.
         car = sidecar("hit")
         assert curl(f"{car.url}/v2/images/{image_id}/file", ALICE).status == 200  # fill it
-        hit = [curl(f"{car.url}/v2/images/{image_id}/file", ALICE) for _ in range(RUNS)]
-        ref = [curl(f"http://127.0.0.1:{nginx.plain}/images/{image_id}") for _ in range(RUNS)]
-        hit_rate, ref_rate = (
-            SIZE / median([f.total for f in hit]),
-            SIZE / median([f.total for f in ref]),
-        )
-        rows.append(
-            (
-                "L1 hit, one stream",
-                f"{hit_rate / 1e6:.0f} MB/s",
-                f"nginx sendfile {ref_rate / 1e6:.0f} MB/s",
-                f"{hit_rate / ref_rate:.2f}x (target >= 0.9x)",
+        hits: dict[str, list[Fetch]] = {"cold": [], "warm": []}
+        refs: dict[str, list[Fetch]] = {"cold": [], "warm": []}
+        for _ in range(RUNS):
+            for path, url, token, into in (
+                (car.blobs()[0], f"{car.url}/v2/images/{image_id}/file", ALICE, hits),
+                (files / image_id, f"http://127.0.0.1:{nginx.plain}/images/{image_id}", None, refs),
+            ):  # fmt: skip
+                uncache(path)
+                into["cold"].append(curl(url, token))
+                into["warm"].append(curl(url, token))
+        for state in ("warm", "cold"):
+            hit_rate = SIZE / median([f.total for f in hits[state]])
+            ref_rate = SIZE / median([f.total for f in refs[state]])
+            rows.append(
+                (
+                    "L1 hit, one stream" + (", from disk" if state == "cold" else ""),
+                    f"{hit_rate / 1e6:.0f} MB/s",
+                    f"nginx sendfile {ref_rate / 1e6:.0f} MB/s",
+                    f"{hit_rate / ref_rate:.2f}x (target >= 0.9x)",
+                )
             )
-        )
         with Peak(car.proc.pid) as hits_rss:  # type: ignore[union-attr]
             curl_many(f"{car.url}/v2/images/{image_id}/file", CLIENTS, ALICE)
 

@@ -1,0 +1,52 @@
+"""The last bytes a fill received, kept in memory for the callers streaming it.
+
+A caller of a fill follows the fill's written prefix, a few MiB behind what the tiers sent.
+Written around the page cache (``cachenode.direct``), those bytes are no longer in memory once
+on disk; sending them from the chunks the fill still holds costs one copy into the socket,
+where reading them back would cost a disk read and a page-cache fill. A caller further behind
+than ``LIMIT`` (a slow link, one that joined late) is sent the file with sendfile, as a hit is.
+
+Only immutable chunks are kept: the bytes sent are exactly the bytes written and hashed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from sortedcontainers import SortedDict
+
+LIMIT = 16 << 20  # per fill: four announcements' worth (cachenode.fill.ANNOUNCE_BYTES)
+
+
+class Recent:
+    def __init__(self, limit: int = LIMIT) -> None:
+        self.limit = limit
+        self.held = 0
+        self._chunks: SortedDict[int, memoryview] = SortedDict()
+        self._order: deque[int] = deque()
+
+    def keep(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        if not isinstance(view.obj, bytes) or not view or offset in self._chunks:
+            return  # a buffer someone may reuse is never sent later
+        self._chunks[offset] = view
+        self._order.append(offset)
+        self.held += len(view)
+        while self.held > self.limit:
+            self.held -= len(self._chunks.pop(self._order.popleft()))
+
+    def get(self, start: int, end: int) -> memoryview | None:
+        """Bytes from ``start`` (up to ``end``) held in memory, or None."""
+        index = self._chunks.bisect_right(start) - 1
+        if index < 0:
+            return None
+        offset, view = self._chunks.peekitem(index)
+        assert isinstance(view, memoryview)
+        if start >= offset + len(view):
+            return None
+        return view[start - offset : min(end, offset + len(view)) - offset]
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._order.clear()
+        self.held = 0
