@@ -5,7 +5,6 @@ closed, nothing taken, never a hang."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -13,8 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from cachenode import handover
 from cachenode.config import parse_config
 from cachenode.errors import ConfigError, StoreError
 from cachenode.handover import Giver, Refused, listener_names, lock_cache, take
+from tests.support.handover import Impostor, described, send
 
 
 @pytest.fixture
@@ -102,44 +101,6 @@ def test_a_giver_hands_its_sockets_to_a_taker(path: Path) -> None:
             assert conn.recv(1) == b"x"
     for sock in (*taken.values(), admin):
         sock.close()
-
-
-class Impostor:
-    """Whatever listens at the handover path instead of a sidecar: ``act`` gets each
-    connection."""
-
-    def __init__(self, path: Path, act: Callable[[socket.socket], None]) -> None:
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.server.bind(str(path))
-        self.server.listen()
-        self.act = act
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        conn, _ = self.server.accept()
-        self.answer = b""
-        with conn, contextlib.suppress(OSError):  # a taker that refused may be gone already
-            self.act(conn)
-            conn.settimeout(5)
-            self.answer = conn.recv(64)  # what the taker said: nothing, it refused
-
-    def close(self) -> None:
-        self.thread.join(10)
-        self.server.close()
-
-
-def described(names: list[str]) -> bytes:
-    return json.dumps({"version": 1, "listeners": names}).encode()
-
-
-def send(message: bytes, *socks: socket.socket | int) -> Callable[[socket.socket], None]:
-    fds = [s if isinstance(s, int) else s.fileno() for s in socks]
-
-    def act(conn: socket.socket) -> None:
-        socket.send_fds(conn, [message], fds)
-
-    return act
 
 
 @pytest.fixture
