@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ import requests
 from tests.support.glance import ALICE, Glance, Image
 from tests.support.handover import Impostor, described, send
 from tests.support.sidecar import Sidecar, free_port
-from tests.support.systemd import Sockets
+from tests.support.systemd import Sockets, holds
 from tests.support.upstream import Fault, Upstream
 
 HERD = 6
@@ -79,6 +78,17 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None
         time.sleep(0.01)
 
 
+def answers(late: list[http.client.HTTPConnection]) -> list[tuple[int, str, str | None]]:
+    """Each late caller's status, the sha512 of its body and its X-Cachenode-Status."""
+    out = []
+    for conn in late:
+        resp = conn.getresponse()
+        out.append((resp.status, hashlib.sha512(resp.read()).hexdigest(),
+                    resp.getheader("X-Cachenode-Status")))  # fmt: skip
+        conn.close()
+    return out
+
+
 def connect_and_ask(port: int, image_id: str) -> http.client.HTTPConnection:
     """A caller that has connected and sent its whole request; its answer is read later."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -117,17 +127,12 @@ def test_a_restart_mid_herd_loses_no_download(
             assert old.wait(30) == 0
             assert not any(c.join().error for c in herd), [c.error for c in herd]
             car.start()  # what systemd does next: the same sockets, a new process
-            answers = [conn.getresponse() for conn in late]
-            bodies = [a.read() for a in answers]
-            for conn in late:
-                conn.close()
+            answered = answers(late)
 
             assert [c.status for c in herd] == [200] * HERD
             assert {c.digest for c in herd} == {image.sha512}
-            assert [a.status for a in answers] == [200] * LATE
-            assert {hashlib.sha512(b).hexdigest() for b in bodies} == {image.sha512}
             # The old process committed its fill before it exited: the new one serves it from L1.
-            assert {a.getheader("X-Cachenode-Status") for a in answers} == {"HIT"}
+            assert answered == [(200, image.sha512, "HIT")] * LATE
             fetched = up.requests_for(image.id)
             assert [(s.status, s.bytes) for s in fetched] == [(200, len(image.data))]
     finally:
@@ -216,18 +221,7 @@ def holds_listener(pid: int, port: int) -> bool:
     with open("/proc/net/tcp") as table:
         rows = [line.split() for line in table.readlines()[1:]]
     wanted = f"0100007F:{port:04X}"
-    inodes = {f"socket:[{r[9]}]" for r in rows if r[1] == wanted and r[3] == "0A"}
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                return True
-        except FileNotFoundError:
-            continue
-    return False
+    return holds(pid, {int(r[9]) for r in rows if r[1] == wanted and r[3] == "0A"})
 
 
 def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
@@ -274,10 +268,7 @@ def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
         until(lambda: "cachenode serving on" in b.log(), "B serves")
         time.sleep(0.3)  # a few arrive after
         arrived = arrivals.stop()
-        answers = [conn.getresponse() for conn in late]
-        bodies = [a.read() for a in answers]
-        for conn in late:
-            conn.close()
+        answered = answers(late)
 
         assert [c.status for c in herd] == [200] * HERD
         assert {c.digest for c in herd} == {image.sha512}
@@ -286,9 +277,7 @@ def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
         ] * len(arrived)
         # Served by both: A's joins of its fill, then B's hits of what A committed.
         assert {"JOINED", "HIT"} <= {c.cache_status for c in arrived}, arrived
-        assert [a.status for a in answers] == [200] * LATE
-        assert {hashlib.sha512(b).hexdigest() for b in bodies} == {image.sha512}
-        assert {a.getheader("X-Cachenode-Status") for a in answers} == {"HIT"}
+        assert answered == [(200, image.sha512, "HIT")] * LATE  # connected during the drain
         fetched = up.requests_for(image.id)
         assert [(s.status, s.bytes) for s in fetched] == [(200, len(image.data))]
         assert a.stop() == 0
