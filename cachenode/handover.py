@@ -83,7 +83,7 @@ def listener_names(message: bytes, count: int, flags: int) -> list[str]:
         raise Refused(f"a message longer than {MAX_MESSAGE} bytes or with too many descriptors")
     try:
         body = json.loads(message)
-    except ValueError:  # UnicodeDecodeError too
+    except (ValueError, RecursionError):  # UnicodeDecodeError too; "[[[[..." nested past the limit
         raise Refused("a message that is not JSON") from None
     if not isinstance(body, dict) or body.get("version") != VERSION:
         raise Refused(f"a message that is no version {VERSION} description")
@@ -147,7 +147,14 @@ class Giver:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.to_thread(self._bind)
+        """Offer the sockets at ``path``. A path where this process cannot listen costs only the
+        next handover (that restart refuses connections until the next process binds, as
+        without one): never the start, which may hold sockets taken from the previous process."""
+        try:
+            self._server = await asyncio.to_thread(self._bind)
+        except OSError as exc:
+            log.error("cannot offer the listening sockets at %s: %s", self.path, _why(exc))
+            return
         self._task = asyncio.create_task(self._serve(self._server), name="handover")
 
     def _bind(self) -> socket.socket:
@@ -169,7 +176,12 @@ class Giver:
     async def _serve(self, server: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(server)
+            try:
+                conn, _ = await loop.sock_accept(server)
+            except OSError as exc:  # out of descriptors, say: the next caller may fare better
+                log.warning("handover at %s: accept failed: %s", self.path, _why(exc))
+                await asyncio.sleep(1.0)
+                continue
             if await asyncio.to_thread(self._give, conn):
                 server.close()  # no second taker; the file is the taker's to replace
                 self._server = None

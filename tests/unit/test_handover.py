@@ -56,6 +56,7 @@ def test_a_description_names_one_listener_per_descriptor() -> None:
     ("message", "count", "flags", "why"),
     [
         (b"\xff\xfe garbage", 2, 0, "not JSON"),
+        (b"[" * 1024, 0, 0, "not JSON"),  # nested past the recursion limit
         (b'{"version": 2, "listeners": ["listen"]}', 1, 0, "no version 1"),
         (b'["listen"]', 1, 0, "no version 1"),
         (b'{"version": 1, "listeners": "listen"}', 1, 0, "without a list"),
@@ -238,3 +239,20 @@ def test_the_handover_path_is_a_unix_socket_path() -> None:
     ):
         with pytest.raises(ConfigError, match=why):
             parse_config({**base, "handover": {"path": bad}})
+
+
+def test_a_path_the_giver_cannot_listen_on_costs_only_the_next_handover(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start goes on: it may hold sockets taken from the previous process already."""
+    nowhere = path.parent / "missing" / "handover.sock"
+
+    async def scene() -> None:
+        with listening() as data:
+            giver = Giver(nowhere, {"listen": data}, lambda: None)
+            await giver.start()
+            await giver.close()
+
+    asyncio.run(scene())
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert f"cannot offer the listening sockets at {nowhere}" in caplog.text
