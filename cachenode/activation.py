@@ -18,6 +18,7 @@ and the pure-Python ports are small projects with one maintainer. The lines are 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -54,10 +55,13 @@ def same_address(bound: tuple[str, int], wanted: tuple[str, int]) -> bool:
 
 
 def assign(
-    bound: Mapping[int, tuple[str, int]], wanted: Mapping[str, list[tuple[str, int]]]
+    bound: Mapping[int, tuple[str, int]],
+    wanted: Mapping[str, list[tuple[str, int]]],
+    source: str = "systemd",
 ) -> dict[str, int]:
     """Which inherited descriptor serves which listener. ``bound`` maps each descriptor to its
-    address, ``wanted`` each listener's config key to the addresses it may be bound to."""
+    address, ``wanted`` each listener's config key to the addresses it may be bound to;
+    ``source`` names who passed them, for the error."""
     chosen: dict[str, int] = {}
     for fd, address in bound.items():
         keys = [k for k, addrs in wanted.items() if any(same_address(address, a) for a in addrs)]
@@ -67,10 +71,10 @@ def assign(
         if not keys:
             names = " or ".join(wanted)
             raise ConfigError(
-                "", f"systemd passed a socket on {where}, which is no address of {names}"
+                "", f"{source} passed a socket on {where}, which is no address of {names}"
             )
         if keys[0] in chosen:
-            raise ConfigError(keys[0], f"systemd passed two sockets for it ({where} twice)")
+            raise ConfigError(keys[0], f"{source} passed two sockets for it ({where} twice)")
         chosen[keys[0]] = fd
     return chosen
 
@@ -94,30 +98,55 @@ def inherited(
     fds = listen_fds(env, os.getpid())
     for name in _VARS:
         env.pop(name, None)
-    socks = {fd: _listening(fd) for fd in fds}
-    bound = {fd: (str(s.getsockname()[0]), int(s.getsockname()[1])) for fd, s in socks.items()}
+    return adopt(fds, wanted, "systemd")
+
+
+def adopt(
+    fds: list[int], wanted: Mapping[str, tuple[str, int]], source: str
+) -> dict[str, socket.socket]:
+    """The listening sockets on ``fds`` by the listener each serves, each checked to be a
+    listening TCP socket bound to its listener's configured address. Anything else raises
+    ConfigError naming it, with every descriptor of ``fds`` closed: none is left behind."""
+    socks: dict[int, socket.socket] = {}
     try:
-        chosen = assign(bound, {key: resolve(addr) for key, addr in wanted.items()})
+        for fd in fds:
+            socks[fd] = _listening(fd, source)
+        bound = {fd: (str(s.getsockname()[0]), int(s.getsockname()[1])) for fd, s in socks.items()}
+        chosen = assign(bound, {key: resolve(addr) for key, addr in wanted.items()}, source)
     except ConfigError:
-        for s in socks.values():
-            s.close()
+        for fd in fds:
+            if fd in socks:
+                socks[fd].close()
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         raise
     return {key: socks[fd] for key, fd in chosen.items()}
 
 
-def _listening(fd: int) -> socket.socket:
-    """The socket on descriptor ``fd``, checked to be a listening TCP socket, close-on-exec."""
+def bind(address: tuple[str, int], backlog: int = 1024) -> socket.socket:
+    """A listening socket of our own on ``address`` (a host name: its first address, as a
+    ``ListenStream=`` of systemd binds one), for a listener nobody passed a socket for."""
+    family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    sock = socket.create_server(address, family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def _listening(fd: int, source: str) -> socket.socket:
+    """The socket on descriptor ``fd``, checked to be a listening TCP socket, close-on-exec.
+    On ConfigError the descriptor is left open (``adopt`` closes it)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise ConfigError("", f"systemd passed descriptor {fd}, which is not a socket") from exc
+        raise ConfigError("", f"{source} passed descriptor {fd}, which is not a socket") from exc
     listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        sock.close()
-        raise ConfigError("", f"systemd passed descriptor {fd}, which is not a TCP socket")
+        sock.detach()
+        raise ConfigError("", f"{source} passed descriptor {fd}, which is not a TCP socket")
     if not listening:
-        sock.close()
-        raise ConfigError("", f"systemd passed descriptor {fd}, which is not listening")
+        sock.detach()
+        raise ConfigError("", f"{source} passed descriptor {fd}, which is not listening")
     sock.set_inheritable(False)
     sock.setblocking(False)
     return sock

@@ -123,13 +123,21 @@ async def _serve(config: Config) -> None:
     from cachenode.sidecar import Sidecar
 
     sidecar = Sidecar(config)
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled.set)
     await sidecar.start()
+    waits = [asyncio.create_task(e.wait()) for e in (signalled, sidecar.handed_over)]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for task in waits:
+            task.cancel()
         logging.getLogger("cachenode").info("stopping")
         await sidecar.stop()
+    if not signalled.is_set():
+        # Handed over: exiting would have the kubelet restart this container, which would take
+        # the sockets back (cachenode.handover). Holding nothing now, it waits for its SIGTERM.
+        logging.getLogger("cachenode").info("stopped after the handover; waiting for SIGTERM")
+        await signalled.wait()

@@ -112,6 +112,7 @@ class Config:
     access_flush_interval: float = 5.0  # hits' access times reach the catalog this often
     notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
     notifications_durable: bool = False  # as Glance's [oslo_messaging_rabbit] amqp_durable_queues
+    handover_path: Path | None = None  # a unix socket: listening sockets pass to the next process
 
 
 def _secret_file(value: object) -> Secret:
@@ -205,6 +206,16 @@ def _transport_url_file(value: object) -> Secret:
     url = _secret_file(value)
     kombu_url(url.reveal())  # ValueError: named after the key by Section.take
     return url
+
+
+def _unix_socket_path(value: object) -> Path:
+    """Where the running sidecar offers its listening sockets (``cachenode.handover``)."""
+    path = Path(v.string(value))
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    if len(os.fsencode(path)) > 107:  # sun_path holds 108 bytes, the last a NUL
+        raise ValueError("too long for a unix socket (107 bytes at most)")
+    return path
 
 
 def _boolean(value: object) -> bool:
@@ -319,6 +330,9 @@ def parse_config(data: object) -> Config:
     notifications_url = notifications.take("transport_url_file", _transport_url_file, None)
     notifications_durable = notifications.take("durable_exchange", _boolean, False)
     notifications.finish()
+    handover = doc.section("handover")
+    handover_path = handover.take("path", _unix_socket_path, None)
+    handover.finish()
     doc.finish()
 
     return Config(
@@ -339,6 +353,7 @@ def parse_config(data: object) -> Config:
         access_flush_interval=access_flush_interval,
         notifications_url=notifications_url,
         notifications_durable=notifications_durable,
+        handover_path=handover_path,
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable
 
 from aiohttp import web
 
-from cachenode import activation
+from cachenode import activation, handover
 from cachenode.admin import Admin
 from cachenode.authz import Authorizer
 from cachenode.config import Config
@@ -32,9 +33,10 @@ class Sidecar:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.local = Local(config.cache_dir, self.metrics, config.policy,
-                           config.access_flush_interval)  # fmt: skip
         self.ready = False
+        self.handed_over = asyncio.Event()  # set once a new sidecar took the listening sockets
+        self._giver: handover.Giver | None = None
+        self._cache_lock: int | None = None
         self._runners: list[web.AppRunner] = []
         self._pools: Pools | None = None
         self._janitor_task: asyncio.Task[None] | None = None
@@ -44,10 +46,13 @@ class Sidecar:
     async def start(self) -> None:
         cfg = self.config
         logging.getLogger("aiohttp.server").addFilter(UnparsableRequests())
-        # Sockets systemd passed are taken first: one it should not have passed stops the start
-        # before anything is opened.
+        # The listening sockets come first: one systemd should not have passed, or a port in use,
+        # stops the start before anything is opened. From here connections wait in the backlog.
         wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
-        passed = await asyncio.to_thread(activation.inherited, wanted)
+        socks, origin = await asyncio.to_thread(self._sockets, wanted)
+        if cfg.handover_path is not None:  # the cache is one process's (cachenode.handover)
+            self._cache_lock = await handover.lock_cache(cfg.cache_dir)
+        self.local = Local(cfg.cache_dir, self.metrics, cfg.policy, cfg.access_flush_interval)
         await self.local.start()
         # One pool for calls of one round trip, one for image data (see Pools).
         self._pools = Pools.open(cfg.glance_timeout)
@@ -71,15 +76,18 @@ class Sidecar:
         admin = Admin(self.metrics, self.local, self.fills, self.janitor, warmer, cfg.policy,
                       cfg.admin_token, lambda: self.ready,
                       self._listen_notifications(authz, warmer))  # fmt: skip
-        await self._listen(admin.app(), cfg.admin_listen, passed.get("admin.listen"))
-        await self._listen(plane.app(), cfg.listen, passed.get("listen"))
+        await self._listen(admin.app(), socks["admin.listen"])
+        await self._listen(plane.app(), socks["listen"])
         self._janitor_task = asyncio.create_task(self.janitor.run(warmer), name="janitor")
+        if cfg.handover_path is not None:
+            self._giver = handover.Giver(cfg.handover_path, socks, self.handed_over.set)
+            await self._giver.start()
         self.ready = True
         log.info(
             "cachenode serving on %s:%d (admin %s:%d%s), glance %s, tiers %s, policy %s",
             *cfg.listen,
             *cfg.admin_listen,
-            ", sockets from systemd: " + " ".join(sorted(passed)) if passed else "",
+            origin,
             cfg.glance_url,
             ",".join(t.name for t in cfg.tiers) or "none",
             cfg.policy.name,
@@ -110,25 +118,38 @@ class Sidecar:
 
         return forget
 
-    async def _listen(
-        self, app: web.Application, address: tuple[str, int], sock: socket.socket | None
-    ) -> None:
-        """Serve ``app`` on the socket systemd passed, else on ``address``. On SIGTERM the
-        listener closes first (systemd's copy of a passed socket stays open, so new connections
-        wait in its backlog for the next process), then streams in flight get this long to finish
-        before they are cut (the unit and the DaemonSet allow 30 s in all)."""
+    def _sockets(self, wanted: dict[str, tuple[str, int]]) -> tuple[dict[str, socket.socket], str]:
+        """Each listener's socket: systemd's, else the running sidecar's (``handover.path``),
+        else one bound here; and where they came from, for the log (blocking)."""
+        socks, origin = activation.inherited(wanted), "systemd"
+        if not socks and self.config.handover_path is not None:
+            socks, origin = handover.take(self.config.handover_path, wanted), "the old sidecar"
+        said = f", sockets from {origin}: " + " ".join(sorted(socks)) if socks else ""
+        try:
+            for key, address in wanted.items():
+                if key not in socks:
+                    socks[key] = activation.bind(address)
+        except OSError:
+            for sock in socks.values():
+                sock.close()
+            raise
+        return socks, said
+
+    async def _listen(self, app: web.Application, sock: socket.socket) -> None:
+        """Serve ``app`` on ``sock``. On SIGTERM, or once a new sidecar took the sockets, the
+        listener closes first: this process's descriptor only, never a shutdown of the socket, so
+        with systemd's or the new sidecar's descriptor still open, new connections wait in its
+        backlog for the next process. Then streams in flight get this long to finish before they
+        are cut (the unit and the DaemonSet allow 30 s in all)."""
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=15.0)
         await runner.setup()
-        site = (
-            web.SockSite(runner, sock, backlog=1024)
-            if sock is not None
-            else web.TCPSite(runner, address[0], address[1], backlog=1024)
-        )
-        await site.start()
+        await web.SockSite(runner, sock, backlog=1024).start()
         self._runners.append(runner)
 
     async def stop(self) -> None:
         self.ready = False
+        if self._giver is not None:
+            await self._giver.close()
         if self._janitor_task is not None:
             self._janitor_task.cancel()
         if self.listener is not None:
@@ -140,3 +161,5 @@ class Sidecar:
         if self._pools is not None:
             await self._pools.close()
         await self.local.stop()
+        if self._cache_lock is not None:
+            os.close(self._cache_lock)  # the next sidecar may open the cache now

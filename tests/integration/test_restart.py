@@ -1,5 +1,6 @@
 """Restarts lose no download: a sidecar restarted in the middle of a herd, its listening sockets
-held across the restart as ``deploy/cachenode.socket`` has systemd hold them.
+held across the restart as ``deploy/cachenode.socket`` has systemd hold them, or handed from the
+running sidecar to its successor as in the DaemonSet (``handover.path``).
 
 The stand-in for systemd (``tests/support/systemd.py``) does what ``systemctl restart`` does with
 a socket unit: SIGTERM to the old process, wait for it to exit, start the new one with the same
@@ -9,18 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import requests
 
 from tests.support.glance import ALICE, Glance, Image
+from tests.support.handover import Impostor, described, send
 from tests.support.sidecar import Sidecar, free_port
-from tests.support.systemd import Sockets
+from tests.support.systemd import Sockets, holds
 from tests.support.upstream import Fault, Upstream
 
 HERD = 6
@@ -33,6 +39,7 @@ class Caller:
 
     url: str
     status: int = 0
+    cache_status: str = ""
     received: int = 0
     digest: str = ""
     error: BaseException | None = None
@@ -49,6 +56,7 @@ class Caller:
                 self.url, headers={"X-Auth-Token": ALICE}, stream=True, timeout=120
             ) as resp:
                 self.status = resp.status_code
+                self.cache_status = resp.headers.get("X-Cachenode-Status", "")
                 for chunk in resp.iter_content(256 << 10):
                     sha.update(chunk)
                     self.received += len(chunk)
@@ -68,6 +76,17 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.01)
+
+
+def answers(late: list[http.client.HTTPConnection]) -> list[tuple[int, str, str | None]]:
+    """Each late caller's status, the sha512 of its body and its X-Cachenode-Status."""
+    out = []
+    for conn in late:
+        resp = conn.getresponse()
+        out.append((resp.status, hashlib.sha512(resp.read()).hexdigest(),
+                    resp.getheader("X-Cachenode-Status")))  # fmt: skip
+        conn.close()
+    return out
 
 
 def connect_and_ask(port: int, image_id: str) -> http.client.HTTPConnection:
@@ -108,17 +127,12 @@ def test_a_restart_mid_herd_loses_no_download(
             assert old.wait(30) == 0
             assert not any(c.join().error for c in herd), [c.error for c in herd]
             car.start()  # what systemd does next: the same sockets, a new process
-            answers = [conn.getresponse() for conn in late]
-            bodies = [a.read() for a in answers]
-            for conn in late:
-                conn.close()
+            answered = answers(late)
 
             assert [c.status for c in herd] == [200] * HERD
             assert {c.digest for c in herd} == {image.sha512}
-            assert [a.status for a in answers] == [200] * LATE
-            assert {hashlib.sha512(b).hexdigest() for b in bodies} == {image.sha512}
             # The old process committed its fill before it exited: the new one serves it from L1.
-            assert {a.getheader("X-Cachenode-Status") for a in answers} == {"HIT"}
+            assert answered == [(200, image.sha512, "HIT")] * LATE
             fetched = up.requests_for(image.id)
             assert [(s.status, s.bytes) for s in fetched] == [(200, len(image.data))]
     finally:
@@ -173,3 +187,126 @@ def test_a_socket_at_another_address_stops_the_start(sidecar_factory) -> None:  
         ) in car.log()
     finally:
         sockets.close()
+
+
+@pytest.fixture
+def handover_path() -> Iterator[Path]:
+    """A path for the handover socket short enough for sun_path (pytest's tmp_path may not be)."""
+    where = Path(tempfile.mkdtemp(prefix="ho-", dir="/tmp"))
+    yield where / "handover.sock"
+    shutil.rmtree(where)
+
+
+class Arrivals:
+    """Callers that keep arriving, one every ``every`` seconds, until ``stop``."""
+
+    def __init__(self, url: str, every: float = 0.1) -> None:
+        self.callers: list[Caller] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, every), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, every: float) -> None:
+        while not self._done.wait(every):
+            self.callers.append(Caller(url))
+
+    def stop(self) -> list[Caller]:
+        self._done.set()
+        self._thread.join(10)
+        return [c.join() for c in self.callers]
+
+
+def holds_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a descriptor on the socket listening on 127.0.0.1:``port``."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    wanted = f"0100007F:{port:04X}"
+    return holds(pid, {int(r[9]) for r in rows if r[1] == wanted and r[3] == "0A"})
+
+
+def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
+    glance: Glance, sidecar_factory, image: Image, handover_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The DaemonSet's rolling update: B starts while A serves a herd from a held tier; B takes
+    A's sockets, A stops accepting and finishes its streams, B opens the cache once A closed it.
+    Callers keep connecting before, during and after: each gets 200 and the exact bytes.
+
+    The tier is a mirror of our own, not glance-api behind the upstream: uWSGI gives up a response
+    its client has not read for 4 s (its socket-timeout), shorter than this hold can last."""
+    hold = Fault("hold", at=len(image.data) // 2)
+    with Upstream(blobs={image.id: image.data}, faults=[hold]) as up:
+        tier = {"name": "mirror", "kind": "http", "url": up.url + "/images/{image_id}"}
+        handover = {"path": str(handover_path)}
+        a = sidecar_factory("a", tiers=[tier], handover=handover).start()
+        b = sidecar_factory(
+            "b",
+            tiers=[tier],
+            handover=handover,
+            listen=f"127.0.0.1:{a.port}",
+            admin={"listen": f"127.0.0.1:{a.admin_port}"},
+            cache={"dir": str(a.cache_dir)},
+        )
+        url = f"{a.url}/v2/images/{image.id}/file"
+        herd = [Caller(url) for _ in range(HERD)]
+        until(hold.reached.is_set, "the fill reached the hold")
+        until(lambda: all(c.received > 0 for c in herd), "every caller is streaming")
+        arrivals = Arrivals(url)  # before, during and after the handover
+        time.sleep(0.3)  # a few arrive before B starts
+
+        assert a.proc is not None
+        b.start(ready=False)
+        until(lambda: "handed the listening sockets over" in a.log(), "A handed over")
+        until(lambda: not holds_listener(a.proc.pid, a.port), "A stopped accepting")
+        assert "took the listening sockets of the running sidecar" in b.log()
+        assert a.proc.poll() is None  # draining: its streams wait on the held fill
+        late = [connect_and_ask(a.port, image.id) for _ in range(LATE)]  # nobody accepts yet
+
+        hold.release()
+        assert not any(c.join().error for c in herd), [c.error for c in herd]
+        until(lambda: "waiting for SIGTERM" in a.log(), "A drained and closed its cache")
+        assert a.proc.poll() is None  # idle until its pod is deleted, holding nothing
+        until(lambda: "cachenode serving on" in b.log(), "B serves")
+        time.sleep(0.3)  # a few arrive after
+        arrived = arrivals.stop()
+        answered = answers(late)
+
+        assert [c.status for c in herd] == [200] * HERD
+        assert {c.digest for c in herd} == {image.sha512}
+        assert [(c.status, c.digest, c.error) for c in arrived] == [
+            (200, image.sha512, None)
+        ] * len(arrived)
+        # Served by both: A's joins of its fill, then B's hits of what A committed.
+        assert {"JOINED", "HIT"} <= {c.cache_status for c in arrived}, arrived
+        assert answered == [(200, image.sha512, "HIT")] * LATE  # connected during the drain
+        fetched = up.requests_for(image.id)
+        assert [(s.status, s.bytes) for s in fetched] == [(200, len(image.data))]
+        assert a.stop() == 0
+        resp = b.get(image.id, ALICE)
+        assert (resp.status_code, resp.headers["X-Cachenode-Status"]) == (200, "HIT")
+        assert "Traceback" not in a.log() + b.log()
+
+
+@pytest.mark.parametrize("peer", ["garbage", "wrong descriptors", "oversized"])
+def test_a_hostile_handover_peer_is_ignored(
+    glance: Glance, sidecar_factory, handover_path: Path, peer: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Whatever answers at the handover path instead of a sidecar: the new sidecar binds its
+    listeners itself, starts and serves, with one line on what it refused."""
+    image = glance.create_image(size=1 << 20)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp, open(__file__, "rb") as file:
+        act = {
+            "garbage": send(b"\x00\xff{not json"),
+            "wrong descriptors": send(described(["listen", "admin.listen"]), udp, file.fileno()),
+            "oversized": send(b"{" + b" " * 8192 + b"}", udp),
+        }[peer]
+        impostor = Impostor(handover_path, act)
+        car = sidecar_factory(handover={"path": str(handover_path)}).start()
+        impostor.close()
+    assert impostor.answer == b""  # never told the sockets were taken
+    resp = car.get(image.id, ALICE)
+    assert (resp.status_code, resp.content) == (200, image.data)
+    log = car.log()
+    assert f"handover at {handover_path} refused" in log and "binding the listeners" in log
+    assert "Traceback" not in log
+    assert handover_path.is_socket()  # the new sidecar offers its own sockets there now

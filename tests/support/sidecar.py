@@ -53,6 +53,8 @@ class Sidecar:
             else:
                 doc[key] = value
         self.cache_dir = Path(doc["cache"]["dir"])  # where the config really puts it
+        self.port = int(str(doc["listen"]).rsplit(":", 1)[1])  # a successor's are its peer's
+        self.admin_port = int(str(doc["admin"]["listen"]).rsplit(":", 1)[1])
         self.config_path = workdir / "cachenode.yaml"
         self.config_path.write_text(yaml.safe_dump(doc))
         self.log_path = workdir / "cachenode.log"
@@ -60,7 +62,9 @@ class Sidecar:
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self, env: dict[str, str] | None = None) -> Sidecar:
+    def start(self, env: dict[str, str] | None = None, ready: bool = True) -> Sidecar:
+        """Run it and wait for /readyz, unless ``ready`` is False: a successor taking the
+        sockets of a running sidecar would see its peer answer."""
         command = [sys.executable, "-m", "cachenode", "serve", "-c", str(self.config_path)]
         fds: tuple[int, ...] = ()
         if self.sockets is not None:
@@ -73,6 +77,8 @@ class Sidecar:
                 pass_fds=fds,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
+        if not ready:
+            return self
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -36,22 +36,27 @@ class Sockets:
 
     def holders(self, pid: int) -> bool:
         """Whether process ``pid`` still holds the data socket (has not closed its listener)."""
-        inode = os.fstat(self.data.fileno()).st_ino
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except FileNotFoundError:
-            return False
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
-                    return True
-            except FileNotFoundError:
-                continue
-        return False
+        return holds(pid, {os.fstat(self.data.fileno()).st_ino})
 
     def close(self) -> None:
         self.data.close()
         self.admin.close()
+
+
+def holds(pid: int, inodes: set[int]) -> bool:
+    """Whether process ``pid`` has a descriptor on one of the sockets ``inodes``."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    names = {f"socket:[{inode}]" for inode in inodes}
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in names:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def _listening(backlog: int) -> socket.socket:

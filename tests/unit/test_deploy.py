@@ -63,11 +63,22 @@ def test_daemonset_wiring(tmp_path: Path) -> None:
         "host": "127.0.0.1",
     }
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert {p["containerPort"] for p in container["ports"]} == {data_port, admin_port}
+    assert data_port != admin_port
+    # Updates: the new pod starts next to the old one and takes its sockets (cachenode.handover),
+    # so no port may be declared (a hostPort on the host network) or the surge pod never fits.
+    assert kinds["DaemonSet"]["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert "ports" not in container
+    handover_dir = config["handover"]["path"].rsplit("/", 1)[0]
+    handover_volume = next(v for v in spec["volumes"] if v["name"] == "handover")
+    assert handover_volume["hostPath"]["path"] == handover_dir
     cache_volume = next(v for v in spec["volumes"] if v["name"] == "cache")
     assert cache_volume["hostPath"]["path"] == config["cache"]["dir"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["cache"] == config["cache"]["dir"]
+    assert mounts["handover"] == handover_dir
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     url_file = config["notifications"]["transport_url_file"]  # the bus's password: a secret
     assert url_file.startswith(mounts["secrets"] + "/")
