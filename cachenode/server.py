@@ -56,6 +56,8 @@ from cachenode.ranges import parse as parse_range
 from cachenode.tiers import Body
 
 log = logging.getLogger(__name__)
+
+NEAR = 1 << 20  # a range starting this close past a fill's landed bytes waits for them
 access = logging.getLogger("cachenode.access")
 SENT = web.RequestKey(
     "sent", int
@@ -198,7 +200,7 @@ class DataPlane:
         if status == "joined":
             self.metrics.coalesced.inc()
         async with fill.reader() as open_handle:
-            if rng is not None and start >= fill.landed and not fill.done:
+            if rng is not None and not _soon(fill, start):
                 resp = await self._range_from_tiers(request, started, fill, rng, creds, status)
                 if resp is not None:
                     return resp
@@ -517,6 +519,17 @@ def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:
     if len(data) != end - start:
         raise StoreError(f"blob {fobj.name} ends before byte {end}")  # verified size: never
     return data
+
+
+def _soon(fill: Fill, start: int) -> bool:
+    """Whether a range starting at ``start`` waits for the fill rather than asking a tier.
+
+    Bytes the fill has, or will have within NEAR, come from it: a range fetched from a tier at
+    the fill's front would ask the origin again for bytes already on their way (a host's 1-byte
+    authorization probe at a regional cachenode, QEMU's first reads of a booting image). A range
+    further on is fetched at once (a lazy boot's random read must not wait for the whole prefix).
+    """
+    return fill.done or start < fill.landed + NEAR
 
 
 def _background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
