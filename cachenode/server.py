@@ -9,6 +9,7 @@ cut the connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -175,7 +176,7 @@ class DataPlane:
             if isinstance(rng, web.Response):
                 return rng
             start, end = (rng.start, rng.end) if rng else (0, entry.size)
-            inline = _read_small(fobj, start, end)
+            inline = await _read_small(fobj, start, end)
             resp = self._response(entry.size, rng, entry.checksum, "HIT", "l1", inline)
             try:
                 await self._begin(request, resp, "hit", started)
@@ -505,20 +506,37 @@ async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: i
         raise ConnectionResetError("the blob ended early")
 
 
-def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:
+async def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:
     """Bytes [start, end) of a blob when there are at most INLINE_BYTES of them, else None.
 
     A small range (QEMU's 4-64 KiB reads of a lazily booted image, format probes) costs more in
     ``loop.sendfile``'s set-up (a writer registered and removed, a second write for the headers)
-    than in its bytes: it goes out with its headers in one write instead. Read on the loop, as
-    sendfile reads on the loop: the same page-cache read, at most INLINE_BYTES of it.
+    than in its bytes: it goes out with its headers in one write instead. Read on the loop only
+    when the page cache has it all (``RWF_NOWAIT``); a read that would wait for the disk (a blob
+    a fill wrote around the page cache, or one the host's memory let go) goes to a thread, so
+    one caller's cold read never stalls every other caller's hit.
     """
     if end - start > INLINE_BYTES:
         return None
-    data = os.pread(fobj.fileno(), end - start, start)
-    if len(data) != end - start:
+    fd, count = fobj.fileno(), end - start
+    data = _read_cached(fd, count, start)
+    if data is None:
+        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, count, start)
+    if len(data) != count:
         raise StoreError(f"blob {fobj.name} ends before byte {end}")  # verified size: never
     return data
+
+
+def _read_cached(fd: int, count: int, offset: int) -> bytes | None:
+    """The bytes if the page cache holds all of them, else None (read them off the loop)."""
+    buffer = bytearray(count)
+    try:
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            return None  # not cached, or a filesystem without RWF_NOWAIT: the thread reads it
+        raise StoreError(f"cannot read a blob: {exc.strerror}") from exc
+    return bytes(buffer) if got == count else None
 
 
 def _soon(fill: Fill, start: int) -> bool:
