@@ -9,6 +9,7 @@ cut the connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -56,6 +57,8 @@ from cachenode.ranges import parse as parse_range
 from cachenode.tiers import Body
 
 log = logging.getLogger(__name__)
+
+NEAR = 1 << 20  # a range starting this close past a fill's landed bytes waits for them
 access = logging.getLogger("cachenode.access")
 SENT = web.RequestKey(
     "sent", int
@@ -173,7 +176,7 @@ class DataPlane:
             if isinstance(rng, web.Response):
                 return rng
             start, end = (rng.start, rng.end) if rng else (0, entry.size)
-            inline = _read_small(fobj, start, end)
+            inline = await _read_small(fobj, start, end)
             resp = self._response(entry.size, rng, entry.checksum, "HIT", "l1", inline)
             try:
                 await self._begin(request, resp, "hit", started)
@@ -198,7 +201,7 @@ class DataPlane:
         if status == "joined":
             self.metrics.coalesced.inc()
         async with fill.reader() as open_handle:
-            if rng is not None and start >= fill.landed and not fill.done:
+            if rng is not None and not _soon(fill, start):
                 resp = await self._range_from_tiers(request, started, fill, rng, creds, status)
                 if resp is not None:
                     return resp
@@ -503,20 +506,48 @@ async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: i
         raise ConnectionResetError("the blob ended early")
 
 
-def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:
+async def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:
     """Bytes [start, end) of a blob when there are at most INLINE_BYTES of them, else None.
 
     A small range (QEMU's 4-64 KiB reads of a lazily booted image, format probes) costs more in
     ``loop.sendfile``'s set-up (a writer registered and removed, a second write for the headers)
-    than in its bytes: it goes out with its headers in one write instead. Read on the loop, as
-    sendfile reads on the loop: the same page-cache read, at most INLINE_BYTES of it.
+    than in its bytes: it goes out with its headers in one write instead. Read on the loop only
+    when the page cache has it all (``RWF_NOWAIT``); a read that would wait for the disk (a blob
+    a fill wrote around the page cache, or one the host's memory let go) goes to a thread, so
+    one caller's cold read never stalls every other caller's hit.
     """
     if end - start > INLINE_BYTES:
         return None
-    data = os.pread(fobj.fileno(), end - start, start)
-    if len(data) != end - start:
+    fd, count = fobj.fileno(), end - start
+    data = _read_cached(fd, count, start)
+    if data is None:
+        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, count, start)
+    if len(data) != count:
         raise StoreError(f"blob {fobj.name} ends before byte {end}")  # verified size: never
     return data
+
+
+def _read_cached(fd: int, count: int, offset: int) -> bytes | None:
+    """The bytes if the page cache holds all of them, else None (read them off the loop)."""
+    buffer = bytearray(count)
+    try:
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            return None  # not cached, or a filesystem without RWF_NOWAIT: the thread reads it
+        raise StoreError(f"cannot read a blob: {exc.strerror}") from exc
+    return bytes(buffer) if got == count else None
+
+
+def _soon(fill: Fill, start: int) -> bool:
+    """Whether a range starting at ``start`` waits for the fill rather than asking a tier.
+
+    Bytes the fill has, or will have within NEAR, come from it: a range fetched from a tier at
+    the fill's front would ask the origin again for bytes already on their way (a host's 1-byte
+    authorization probe at a regional cachenode, QEMU's first reads of a booting image). A range
+    further on is fetched at once (a lazy boot's random read must not wait for the whole prefix).
+    """
+    return fill.done or start < fill.landed + NEAR
 
 
 def _background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import requests
 
@@ -128,6 +130,34 @@ def test_range_on_an_image_not_yet_local(glance: Glance, sidecar_factory) -> Non
         assert len(l2.requests_for(image.id)) == 2
         wait_for(lambda: [b.name for b in sidecar.blobs()] == [image.id])
     assert (sidecar.cache_dir / "blobs" / image.id[:2] / image.id).read_bytes() == image.data
+
+
+def test_a_range_at_the_fills_front_waits_for_the_fill(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    """A 1-byte probe of an image whose fill has not landed its first byte yet (a host's
+    authorization probe at a regional cachenode) is answered from the fill: the tier is asked
+    for the image once, never again for the byte already on its way."""
+    image = glance.create_image(4 << 20)
+    hold = Fault("hold", at=0)
+    with Upstream(blobs={image.id: image.data}, faults=[hold]) as origin:
+        car = sidecar_factory(tiers=[{"name": "origin", "kind": "http", "url": origin.url}])
+        car.start()
+        whole = Caller(f"{car.url}/v2/images/{image.id}/file", ALICE)
+        thread = start(whole)
+        assert hold.reached.wait(30)  # the fill asked, and has no byte yet
+        got: list[requests.Response] = []
+        probe = threading.Thread(target=lambda: got.append(car.get(
+            image.id, ALICE, settle=False, headers={"Range": "bytes=0-0"})))  # fmt: skip
+        probe.start()
+        wait_for(lambda: car.metric("cachenode_coalesced_requests_total") == 1)
+        hold.release()
+        probe.join(30)
+        thread.join(30)
+        assert got[0].status_code == 206 and got[0].content == image.data[:1]
+        assert got[0].headers["X-Cachenode-Status"] == "JOINED"
+        assert whole.sha512 == image.sha512
+        assert [(s.range, s.bytes) for s in origin.requests_for(image.id)] == [
+            (None, len(image.data))
+        ]
 
 
 def test_http_tier_serves_and_ranges(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
