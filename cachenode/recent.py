@@ -31,9 +31,9 @@ class Recent:
             return  # a buffer someone may reuse is never sent later
         self._chunks[offset] = view
         self._order.append(offset)
-        self.held += len(view)
+        self.held += _pinned(view)
         while self.held > self.limit:
-            self.held -= len(self._chunks.pop(self._order.popleft()))
+            self.held -= _pinned(self._chunks.pop(self._order.popleft()))
 
     def get(self, start: int, end: int) -> memoryview | None:
         """Bytes from ``start`` (up to ``end``) held in memory, or None."""
@@ -50,3 +50,9 @@ class Recent:
         self._chunks.clear()
         self._order.clear()
         self.held = 0
+
+
+def _pinned(view: memoryview) -> int:
+    """Memory a kept view holds: the whole chunk it is a slice of (counted again for each
+    slice kept: more than held, never less)."""
+    return len(view.obj)  # type: ignore[arg-type]

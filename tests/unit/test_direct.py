@@ -95,16 +95,17 @@ def test_the_last_block_is_written_at_once_and_never_past_the_end() -> None:
 
 def test_recent_holds_the_last_bytes_and_only_immutable_ones() -> None:
     recent = Recent(limit=3000)
-    data = os.urandom(4000)
-    recent.keep(memoryview(data)[:1000], 0)
-    recent.keep(memoryview(data)[1000:2000], 1000)
-    recent.keep(bytearray(data[2000:3000]), 2000)  # may change after: never kept
-    assert bytes(recent.get(500, 4000) or b"") == data[500:1000]
-    assert bytes(recent.get(1500, 1700) or b"") == data[1500:1700]
+    chunks = [os.urandom(1000) for _ in range(4)]
+    recent.keep(chunks[0], 0)
+    recent.keep(memoryview(chunks[1]), 1000)
+    recent.keep(bytearray(chunks[2]), 2000)  # may change after: never kept
+    assert bytes(recent.get(500, 4000) or b"") == chunks[0][500:]
+    assert bytes(recent.get(1500, 1700) or b"") == chunks[1][500:700]
     assert recent.get(2000, 3000) is None
-    recent.keep(memoryview(data)[3000:4000], 3000)
-    recent.keep(data[:1500] + data[:1500], 5000)  # over the limit: the oldest go
+    recent.keep(chunks[3], 3000)
+    recent.keep(os.urandom(1500), 5000)  # over the limit: the oldest go
     assert recent.get(0, 10) is None and recent.get(1000, 10) is None
+    assert bytes(recent.get(3000, 3010) or b"") == chunks[3][:10]
     assert recent.held <= 3000
 
 
@@ -163,3 +164,12 @@ def test_a_stalled_run_is_written_as_it_is_and_goes_on_after() -> None:
     assert [(w.offset, len(w.view), w.direct) for w in writes] == [
         (100, BLOCK - 100, False), (BLOCK, BLOCK, True)
     ]  # fmt: skip
+
+
+def test_recent_counts_the_whole_chunk_a_slice_pins() -> None:
+    recent = Recent(limit=1 << 20)
+    chunk = os.urandom(1 << 20)
+    recent.keep(memoryview(chunk)[:10], 0)  # ten bytes, but the 1 MiB chunk stays in memory
+    assert recent.held == 1 << 20
+    recent.keep(memoryview(chunk)[10:20], 10)
+    assert recent.get(0, 10) is None and bytes(recent.get(10, 20) or b"") == chunk[10:20]
