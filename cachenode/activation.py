@@ -43,8 +43,7 @@ def listen_fds(environ: Mapping[str, str], pid: int) -> list[int]:
 
 def same_address(bound: tuple[str, int], wanted: tuple[str, int]) -> bool:
     """Whether a socket bound to ``bound`` serves the configured ``wanted`` (IPv6 spellings and
-    scope ids aside; a host name in the config matches the addresses it resolves to, see
-    ``resolve``)."""
+    scope ids aside)."""
     try:
         return (ipaddress.ip_address(bound[0]), bound[1]) == (
             ipaddress.ip_address(wanted[0]),
@@ -125,8 +124,8 @@ def adopt(
 
 
 def bind(address: tuple[str, int], backlog: int = 1024) -> socket.socket:
-    """A listening socket of our own on ``address`` (a host name: its first address, as a
-    ``ListenStream=`` of systemd binds one), for a listener nobody passed a socket for."""
+    """A listening socket of our own on ``address`` (an IP address: ``validate.listen_address``
+    refuses names), for a listener nobody passed a socket for."""
     family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     sock = socket.create_server(address, family=family, backlog=backlog)
     sock.setblocking(False)

@@ -132,14 +132,22 @@ def http_url(value: object) -> str:
 
 
 def listen_address(value: object) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``."""
+    """``address:port`` or ``[v6]:port``, the address a literal one.
+
+    A listening socket is bound to one address. A host name would stand for whichever of its
+    addresses the resolver listed first at start (``localhost`` is ``::1`` on some hosts and
+    ``127.0.0.1`` on others), and a client using another would be refused: the operator writes
+    the address, as in a systemd ``ListenStream=``.
+    """
     text = string(value)
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
     if not m:
-        raise ValueError("expected host:port, such as 127.0.0.1:9393")
+        raise ValueError("expected address:port, such as 127.0.0.1:9393")
     host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if m.group(1):
-        ipaddress.IPv6Address(host)
+    try:
+        ipaddress.IPv6Address(host) if m.group(1) else ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError("expected an IP address, such as 127.0.0.1:9393") from None
     if not 1 <= int(port) <= 65535:
         raise ValueError("port must be between 1 and 65535")
     return host, int(port)
