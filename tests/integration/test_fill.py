@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 import requests
 
+from cachenode import direct
 from tests.support.clients import Caller, run_all, start, wait_for
 from tests.support.glance import ALICE, Glance
+from tests.support.pagecache import resident
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
 
@@ -158,6 +161,31 @@ def test_a_range_at_the_fills_front_waits_for_the_fill(glance: Glance, sidecar_f
         assert [(s.range, s.bytes) for s in origin.requests_for(image.id)] == [
             (None, len(image.data))
         ]
+
+
+def test_a_fill_leaves_its_bytes_out_of_the_page_cache(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    """A fill writes around the page cache and its caller is sent the bytes from memory: once
+    committed, the blob is all on disk and next to none of it in memory (cachenode.direct)."""
+    image = glance.create_image(16 << 20)
+    with Upstream(blobs={image.id: image.data}) as origin:
+        car = sidecar_factory(tiers=[{"name": "origin", "kind": "http", "url": origin.url}])
+        car.start()
+        probe = car.cache_dir / "direct-probe"
+        probe.touch()
+        fd = direct.open_direct(probe)
+        if fd is None:
+            pytest.skip(f"{car.cache_dir} does not take O_DIRECT")
+        os.close(fd)
+        got = car.get(image.id, ALICE)
+        assert got.status_code == 200 and got.content == image.data
+        assert got.headers["X-Cachenode-Status"] == "MISS"
+        car.settle()
+        (blob,) = car.blobs()
+        # Written through the page cache (or read back from it for the caller), all 16 MiB would
+        # be there. The image ends on a block boundary: no block went through the page cache.
+        assert resident(blob) == 0
+        assert blob.read_bytes() == image.data
+        assert resident(blob) == len(image.data)  # the measure sees what a read brings in
 
 
 def test_http_tier_serves_and_ranges(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
