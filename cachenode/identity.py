@@ -183,11 +183,11 @@ class ServiceIdentity:
             except NoGlanceEndpoint as exc:
                 left = wait - (clock() - started)
                 if exc.final or left <= 0:
-                    raise NoGlanceEndpoint(
-                        f"{exc} (asked {attempts} times in {clock() - started:.0f}s)", exc.final
-                    ) from None
+                    times = "once" if attempts == 1 else f"{attempts} times"
+                    took = f"asked {times} in {clock() - started:.0f}s"
+                    raise NoGlanceEndpoint(f"{exc} ({took})", exc.final) from None
                 pause = min(delay, left)
-                log.warning("glance endpoint: %s; asking again in %.0fs", exc, pause)
+                log.warning("%s; asking again in %.0fs", exc, pause)
                 await sleep(pause)
                 delay = min(delay * 2, 10.0)
 
@@ -207,6 +207,8 @@ class ServiceIdentity:
                 region_name=cfg.region_name,
                 skip_discovery=True,
             )
+        except ks_exceptions.EndpointNotFound:  # what keystoneauth1 raises, or answers None
+            url = None
         except ks_exceptions.HttpError as exc:
             lasting = 400 <= (exc.http_status or 500) < 500 and exc.http_status not in (408, 429)
             raise NoGlanceEndpoint(

@@ -54,8 +54,8 @@ class Sidecar:
             assert service is not None  # config: no glance.url without service_auth.auth_url
             glance_url = await service.glance_endpoint(cfg.glance_catalog_timeout)
             cfg = self.config = cfg.with_glance_url(glance_url)  # and the implicit glance tier
-        # The listening sockets come first: one systemd should not have passed, or a port in use,
-        # stops the start before anything is opened. From here connections wait in the backlog.
+        # Then the listening sockets: one systemd should not have passed, or a port in use, stops
+        # the start before anything is opened. From here connections wait in the backlog.
         wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
         socks, origin = await asyncio.to_thread(self._sockets, wanted)
         if cfg.handover_path is not None:  # the cache is one process's (cachenode.handover)
