@@ -10,7 +10,7 @@ import signal
 import sys
 
 from cachenode import __version__, ctl
-from cachenode.config import Config, default_config_path, load_config
+from cachenode.config import Config, default_config_path, load_config, where_glance
 from cachenode.errors import CachenodeError, ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check-config":
         tiers = ", ".join(f"{t.name} ({t.kind})" for t in config.tiers) or "none"
+        listen = f"{config.listen[0]}:{config.listen[1]}"
         print(
-            f"config ok: listen {config.listen[0]}:{config.listen[1]}, glance {config.glance_url}, "
+            f"config ok: listen {listen}, glance {where_glance(config)}, "
             f"tiers {tiers}, policy {config.policy.name}"
         )
         return EXIT_OK

@@ -26,6 +26,9 @@ _TIER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 # SYN once (its first retransmit goes at 1 s), and a tier that drops SYNs costs a fill 2 s, not
 # a boot a minute; after failures_before_cooldown of them the tier is skipped altogether.
 CONNECT_TIMEOUT = 2.0
+# The URL of the implicit glance tier while glance.url is still to be read from Keystone's catalog;
+# never a URL a tier's own config may have (those are checked http(s) URLs).
+FROM_CATALOG = ""
 
 
 class Secret:
@@ -95,12 +98,14 @@ class KeystoneAuth:
 
 @dataclass(frozen=True)
 class Config:
-    glance_url: str
+    # None: Glance's endpoint comes from Keystone's catalog at start (``with_glance_url``)
+    glance_url: str | None
     cache_dir: Path
     policy: Policy
     tiers: tuple[TierConfig, ...]
     listen: tuple[str, int] = ("127.0.0.1", 9393)
     glance_timeout: float = 30.0
+    glance_catalog_timeout: float = 60.0  # how long the start asks the catalog before it gives up
     authz_ttl: float = 60.0
     authz_stale_if_error: float = 0.0
     admin_listen: tuple[str, int] = ("127.0.0.1", 9394)
@@ -113,6 +118,15 @@ class Config:
     notifications_url: Secret | None = None  # Glance's bus, rabbit://user:pass@host:5672/
     notifications_durable: bool = False  # as Glance's [oslo_messaging_rabbit] amqp_durable_queues
     handover_path: Path | None = None  # a unix socket: listening sockets pass to the next process
+
+    def with_glance_url(self, url: str) -> Config:
+        """The config once Glance's endpoint is known: ``glance.url`` and the implicit glance
+        tier (no ``tiers`` list), whose URL is ``FROM_CATALOG`` until then."""
+        tiers = tuple(
+            replace(t, url=url) if t.kind == "glance" and t.url == FROM_CATALOG else t
+            for t in self.tiers
+        )
+        return replace(self, glance_url=url, tiers=tiers)
 
 
 def _secret_file(value: object) -> Secret:
@@ -278,8 +292,11 @@ def parse_config(data: object) -> Config:
     log_level = doc.take("log_level", v.choice("debug", "info", "warning", "error"), "info")
 
     glance = doc.section("glance")
-    glance_url = glance.take("url", v.http_url)
+    glance_url = glance.take("url", v.http_url, None)
     glance_timeout = glance.take("timeout", parse_duration, 30.0)
+    catalog_timeout = glance.take("catalog_timeout", parse_duration, 60.0)
+    if not 0 <= catalog_timeout <= 3600:
+        raise ConfigError(glance.key("catalog_timeout"), "must be between 0s and 1h")
     glance.finish()
 
     authz = doc.section("authz")
@@ -309,7 +326,7 @@ def parse_config(data: object) -> Config:
             raise ConfigError(f"tiers[{i}].name", f"{name!r} is used by an earlier tier")
     if not tiers and not doc.has("tiers"):
         # Without a tiers list, Glance itself is the one tier: the smallest useful config.
-        tiers = (TierConfig(name="glance", kind="glance", url=glance_url),)
+        tiers = (TierConfig(name="glance", kind="glance", url=glance_url or FROM_CATALOG),)
 
     admin = doc.section("admin")
     admin_listen = admin.take("listen", v.listen_address, ("127.0.0.1", 9394))
@@ -321,6 +338,14 @@ def parse_config(data: object) -> Config:
         )
 
     service_token, service_keystone = _service_auth(doc.section("service_auth"))
+    # Both given: glance.url wins, on purpose. Hosts pointed at a regional cachenode (README, "A
+    # regional cachenode") set it so that their calls go to the region's cache; the catalog names
+    # Glance itself, and taking it would quietly bypass the regional for every host.
+    if glance_url is None and service_keystone is None:
+        raise ConfigError(
+            "glance.url",
+            "missing (give it, or service_auth.auth_url to find Glance in Keystone's catalog)",
+        )
     for i, tier in enumerate(tiers):
         if tier.locations == "api" and service_token is None and service_keystone is None:
             raise ConfigError(
@@ -339,6 +364,7 @@ def parse_config(data: object) -> Config:
         listen=listen,
         glance_url=glance_url,
         glance_timeout=glance_timeout,
+        glance_catalog_timeout=catalog_timeout,
         authz_ttl=ttl,
         authz_stale_if_error=stale,
         cache_dir=cache_dir,
@@ -370,6 +396,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         line = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError("", f"{path}: not valid YAML{line}") from None
     return parse_config(data)
+
+
+def where_glance(config: Config) -> str:
+    """``glance.url``, or where the start will look for it: for logs and ``check-config``."""
+    if config.glance_url is not None:
+        return config.glance_url
+    ks = config.service_keystone
+    assert ks is not None  # parse_config: no glance.url without service_auth.auth_url
+    region = f"region {ks.region_name}" if ks.region_name else "any region"
+    return f"from Keystone's catalog (image, {ks.interface}, {region})"
 
 
 def default_config_path() -> str:

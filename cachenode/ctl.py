@@ -31,7 +31,7 @@ from rich.progress import (
 )
 
 from cachenode.config import Config
-from cachenode.errors import ServiceAuthFailed
+from cachenode.errors import NoGlanceEndpoint, ServiceAuthFailed
 from cachenode.identity import ServiceIdentity
 from cachenode.units import format_bytes
 
@@ -104,6 +104,10 @@ def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> 
         token = identity.token_now()
     except ServiceAuthFailed as exc:
         raise CtlError(str(exc)) from None
+    try:
+        glance_url = config.glance_url or identity.glance_endpoint_now()
+    except NoGlanceEndpoint as exc:
+        raise CtlError(str(exc)) from None
     queries = [{"tag": t} for t in tags]
     for prop in properties:
         key, sep, value = prop.partition("=")
@@ -116,9 +120,7 @@ def glance_image_ids(config: Config, tags: list[str], properties: list[str]) -> 
             {**query, "status": "active", "limit": 200}
         )
         while path:
-            request = urllib.request.Request(
-                config.glance_url + path, headers={"X-Auth-Token": token}
-            )
+            request = urllib.request.Request(glance_url + path, headers={"X-Auth-Token": token})
             try:
                 with urllib.request.urlopen(request, timeout=60) as resp:
                     page = json.load(resp)

@@ -9,6 +9,7 @@ used, ``raise ... from exc``, into the most specific of these::
      ├── GlanceRefused            Glance refused the caller: relayed to it unchanged
      ├── GlanceUnavailable        glance.url could not answer (connect, timeout, 5xx)
      │    └── ServiceAuthFailed   the sidecar has no valid token of its own (Keystone refused)
+     ├── NoGlanceEndpoint         Keystone's catalog named no usable Glance endpoint (no start)
      ├── PassThroughFailed        a request passed to Glance got no usable answer (502)
      ├── BadRequest               a request the sidecar cannot pass on unchanged (400)
      ├── ProbeUndecided           the authorization probe got no answer that decides: pass through
@@ -92,6 +93,19 @@ class ServiceAuthFailed(GlanceUnavailable):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
+
+
+class NoGlanceEndpoint(CachenodeError):
+    """Without ``glance.url``, the start could not learn Glance's endpoint from Keystone's catalog.
+
+    ``final``: asking again cannot help (Keystone refused the credentials, or the catalog's URL is
+    not one the sidecar will use); otherwise (Keystone unreachable or failing, no such endpoint
+    yet) the start asks again until ``glance.catalog_timeout``.
+    """
+
+    def __init__(self, detail: str, final: bool = False) -> None:
+        super().__init__(detail)
+        self.final = final
 
 
 class ProbeUndecided(CachenodeError):

@@ -17,6 +17,22 @@ Decisions:
 - A failed renewal keeps the current token while it is still valid (Keystone may be restarting);
   once it has expired, callers get ``ServiceAuthFailed`` (a ``GlanceUnavailable``: the question to
   Glance cannot be asked), and the next call tries again.
+
+Glance's endpoint from the catalog (no ``glance.url``; ``glance_endpoint``), at start only:
+
+- keystoneauth1 reads the catalog (service type ``image``, ``interface``, ``region_name``), without
+  version discovery: the catalog's URL is Glance's root, as Glance's install guides register it,
+  and the sidecar adds ``/v2/...`` itself. Without ``region_name`` the first region listed is used.
+- The URL is another service's word: it must pass the config's own rule for URLs
+  (``validate.http_url``: http(s), a host, no user or password, no query or fragment), or the start
+  stops. Nothing is served before it is known: a sidecar that does not know where Glance is can
+  authorize nothing, and serving cached bytes without Glance's yes is never an option.
+- Keystone unreachable or failing (5xx), or no such endpoint yet (a cloud still being registered):
+  asked again, 1 s, 2 s, 4 s ... apart (at most 10 s), for ``glance.catalog_timeout`` (60 s); then
+  the start fails with one line and exit status 1, and systemd or the kubelet restarts it with
+  their own backoff. Keystone refusing the credentials (4xx) or an unusable URL stops at once:
+  asking again cannot fix them.
+- Read once: an endpoint moved in the catalog is seen at the next restart.
 """
 
 from __future__ import annotations
@@ -24,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from keystoneauth1 import exceptions as ks_exceptions
@@ -33,8 +49,9 @@ from keystoneauth1.access import AccessInfo
 from keystoneauth1.identity import v3
 from keystoneauth1.identity.base import BaseIdentityPlugin
 
+from cachenode import validate
 from cachenode.config import Config, KeystoneAuth
-from cachenode.errors import ServiceAuthFailed
+from cachenode.errors import NoGlanceEndpoint, ServiceAuthFailed
 from cachenode.glance import Credentials
 from cachenode.metrics import Metrics
 
@@ -145,6 +162,80 @@ class ServiceIdentity:
             raise ServiceAuthFailed(
                 f"service_auth: cannot get a token from Keystone: {exc}"
             ) from exc
+
+    async def glance_endpoint(
+        self,
+        wait: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> str:
+        """Glance's endpoint from Keystone's catalog, asked again for ``wait`` seconds while the
+        answer may still change (see the module's docstring); NoGlanceEndpoint after that."""
+        started, delay, attempts = clock(), 1.0, 0
+        loop = asyncio.get_running_loop()
+        while True:
+            attempts += 1
+            left = wait - (clock() - started)
+            # one attempt never outlasts what is left by much (at least 1 s, at most 30 s)
+            timeout = min(30.0, max(1.0, left))
+            try:
+                return await loop.run_in_executor(None, self.glance_endpoint_now, timeout)
+            except NoGlanceEndpoint as exc:
+                left = wait - (clock() - started)
+                if exc.final or left <= 0:
+                    times = "once" if attempts == 1 else f"{attempts} times"
+                    took = f"asked {times} in {clock() - started:.0f}s"
+                    raise NoGlanceEndpoint(f"{exc} ({took})", exc.final) from None
+                pause = min(delay, left)
+                log.warning("%s; asking again in %.0fs", exc, pause)
+                await sleep(pause)
+                delay = min(delay * 2, 10.0)
+
+    def glance_endpoint_now(self, timeout: float = 30.0) -> str:
+        """Blocking: one look at the catalog (the CLI, and each attempt of ``glance_endpoint``)."""
+        cfg, plugin = self._keystone, self._plugin
+        if cfg is None or plugin is None:
+            raise NoGlanceEndpoint("glance endpoint: service_auth has no auth_url", final=True)
+        where = f"interface {cfg.interface}, " + (
+            f"region {cfg.region_name}" if cfg.region_name else "any region"
+        )
+        session = ks_session.Session(auth=plugin, timeout=timeout)
+        try:
+            url = session.get_endpoint(
+                service_type="image",
+                interface=cfg.interface,
+                region_name=cfg.region_name,
+                skip_discovery=True,
+            )
+        except ks_exceptions.EndpointNotFound:  # what keystoneauth1 raises, or answers None
+            url = None
+        except ks_exceptions.HttpError as exc:
+            lasting = 400 <= (exc.http_status or 500) < 500 and exc.http_status not in (408, 429)
+            raise NoGlanceEndpoint(
+                f"glance endpoint: Keystone at {cfg.auth_url} answered {_one_line(exc)}",
+                final=lasting,
+            ) from None
+        except ks_exceptions.ClientException as exc:  # connect, timeout, TLS, a bad answer
+            raise NoGlanceEndpoint(
+                f"glance endpoint: cannot ask Keystone at {cfg.auth_url}: {_one_line(exc)}"
+            ) from None
+        if not url:
+            raise NoGlanceEndpoint(
+                f"glance endpoint: Keystone's catalog has no image endpoint for {where}"
+            )
+        try:
+            url = validate.http_url(url)
+        except ValueError as exc:  # the URL itself is not logged: it may hold a password
+            raise NoGlanceEndpoint(
+                f"glance endpoint: the catalog's image endpoint for {where} is refused: {exc}",
+                final=True,
+            ) from None
+        log.info("glance endpoint from Keystone's catalog (image, %s): %s", where, url)
+        return url
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _timestamp(when: datetime | None) -> float:

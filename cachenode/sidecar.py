@@ -46,8 +46,16 @@ class Sidecar:
     async def start(self) -> None:
         cfg = self.config
         logging.getLogger("aiohttp.server").addFilter(UnparsableRequests())
-        # The listening sockets come first: one systemd should not have passed, or a port in use,
-        # stops the start before anything is opened. From here connections wait in the backlog.
+        service = ServiceIdentity.from_config(cfg, self.metrics)
+        # Before the sockets: a successor that cannot learn where Glance is must not take them
+        # from a running sidecar (handover), nor hold callers in a backlog it will never serve.
+        glance_url = cfg.glance_url
+        if glance_url is None:
+            assert service is not None  # config: no glance.url without service_auth.auth_url
+            glance_url = await service.glance_endpoint(cfg.glance_catalog_timeout)
+            cfg = self.config = cfg.with_glance_url(glance_url)  # and the implicit glance tier
+        # Then the listening sockets: one systemd should not have passed, or a port in use, stops
+        # the start before anything is opened. From here connections wait in the backlog.
         wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
         socks, origin = await asyncio.to_thread(self._sockets, wanted)
         if cfg.handover_path is not None:  # the cache is one process's (cachenode.handover)
@@ -56,15 +64,14 @@ class Sidecar:
         await self.local.start()
         # One pool for calls of one round trip, one for image data (see Pools).
         self._pools = Pools.open(cfg.glance_timeout)
-        glance = GlanceClient(self._pools.short, cfg.glance_url, cfg.glance_timeout)
-        service = ServiceIdentity.from_config(cfg, self.metrics)
+        glance = GlanceClient(self._pools.short, glance_url, cfg.glance_timeout)
         # Only a swift tier with ``locations: api`` asks (config checks that service_auth is set).
         self.locator = Locator(glance, service, self.metrics) if service else None
         self.tiers = TierSet([build_tier(t, self.locator) for t in cfg.tiers], self.metrics)
         self.metrics.prime([t.name for t in cfg.tiers])
         self.janitor = Janitor(self.local, cfg.policy, self.metrics, cfg.janitor_interval)
         self.fills = Fills(self.local, self.tiers, self.metrics, make_room=self.janitor.make_room)
-        self.proxy = Proxy(cfg.glance_url, self._pools)
+        self.proxy = Proxy(glance_url, self._pools)
         warmer = Warmer(glance, self.fills, self.local, service, cfg.policy) if service else None
         authz = Authorizer(glance, self.metrics, cfg.authz_ttl, cfg.authz_stale_if_error)
         plane = DataPlane(
@@ -88,7 +95,7 @@ class Sidecar:
             *cfg.listen,
             *cfg.admin_listen,
             origin,
-            cfg.glance_url,
+            glance_url,
             ",".join(t.name for t in cfg.tiers) or "none",
             cfg.policy.name,
         )

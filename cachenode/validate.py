@@ -118,6 +118,8 @@ def choice(*allowed: str) -> Callable[[object], str]:
 
 
 def http_url(value: object) -> str:
+    """An http(s) URL with a host and nothing a URL here must not carry: the one rule for every
+    URL the sidecar is given, by its config or by Keystone's catalog (``cachenode.identity``)."""
     text = string(value)
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -128,6 +130,8 @@ def http_url(value: object) -> str:
         raise ValueError("not an http(s) URL (bad port)") from None
     if parts.query or parts.fragment:
         raise ValueError("an URL here takes no query or fragment")
+    if "@" in parts.netloc:
+        raise ValueError("an URL here takes no user or password (secrets come only from files)")
     return text.rstrip("/")
 
 

@@ -109,9 +109,11 @@ def sidecar_factory(tmp_path: Path, glance: Glance) -> Iterator[type]:
         name: str = "sidecar",
         glance_url: str | None = None,
         sockets: Sockets | None = None,
+        from_catalog: bool = False,  # no glance.url: service_auth finds it in Keystone's catalog
         **config: object,
     ) -> Sidecar:
-        car = Sidecar(tmp_path / name, glance_url or glance.url, sockets, **config)
+        url = None if from_catalog else glance_url or glance.url
+        car = Sidecar(tmp_path / name, url, sockets, **config)
         started.append(car)
         return car
 

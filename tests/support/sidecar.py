@@ -30,8 +30,9 @@ class Sidecar:
     unit; ``start`` after a stop is then a restart on the same sockets."""
 
     def __init__(
-        self, workdir: Path, glance_url: str, sockets: Sockets | None = None, **config: Any
+        self, workdir: Path, glance_url: str | None, sockets: Sockets | None = None, **config: Any
     ) -> None:
+        """``glance_url`` None: no ``glance.url``, Glance is found in Keystone's catalog."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.sockets = sockets
@@ -42,7 +43,7 @@ class Sidecar:
         self.cache_dir = workdir / "cache"
         doc: dict[str, Any] = {
             "listen": f"127.0.0.1:{self.port}",
-            "glance": {"url": glance_url},
+            "glance": {"url": glance_url} if glance_url else {},
             "authz": {"ttl": "0s"},
             "cache": {"dir": str(self.cache_dir)},
             "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
