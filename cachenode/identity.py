@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -230,8 +231,15 @@ class ServiceIdentity:
                 f"glance endpoint: the catalog's image endpoint for {where} is refused: {exc}",
                 final=True,
             ) from None
+        url = unversioned(url)
         log.info("glance endpoint from Keystone's catalog (image, %s): %s", where, url)
         return url
+
+
+def unversioned(url: str) -> str:
+    """Glance's root from a catalog URL registered with its API version (``.../v2``), as some
+    clouds do: every path cachenode asks for starts with the version already."""
+    return re.sub(r"/v\d+(?:\.\d+)?/?$", "", url.rstrip("/")) or url
 
 
 def _one_line(exc: Exception) -> str:

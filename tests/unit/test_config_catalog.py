@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cachenode import identity
 from cachenode.config import FROM_CATALOG, parse_config, where_glance
 from cachenode.errors import ConfigError, NoGlanceEndpoint
 from cachenode.identity import ServiceIdentity
@@ -158,3 +159,18 @@ def test_an_unreachable_keystone_is_asked_again_with_backoff_then_given_up(
     with pytest.raises(NoGlanceEndpoint, match=r"\(asked once in 0s\)$"):
         asyncio.run(identity.glance_endpoint(0.0, clock=lambda: now[0], sleep=sleep))
     assert pauses == []
+
+
+@pytest.mark.parametrize(
+    ("url", "root"),
+    [
+        ("http://glance:9292", "http://glance:9292"),
+        ("http://glance:9292/", "http://glance:9292"),
+        ("http://glance:9292/v2", "http://glance:9292"),
+        ("https://cloud/image/v2.1/", "https://cloud/image"),
+        ("https://cloud/image", "https://cloud/image"),
+        ("https://cloud/v2x", "https://cloud/v2x"),
+    ],
+)
+def test_a_catalog_url_with_its_version_names_glances_root(url: str, root: str) -> None:
+    assert identity.unversioned(url) == root
