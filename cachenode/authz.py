@@ -218,26 +218,26 @@ class Authorizer:
         now = self.clock()
         known = self._remembered.get(key)
         if known is not None and now < known.fresh_until:
-            self.metrics.authz.labels("cached").inc()
+            self.metrics.decision("cached").inc()
             return Decision(known.has_data)
         try:
             verdict = await self.glance.probe(image_id, creds)
         except GlanceRefused:
             self._remembered.pop(key, None)
-            self.metrics.authz.labels("denied").inc()
+            self.metrics.decision("denied").inc()
             raise
         except (GlanceUnavailable, ProbeUndecided) as exc:
             # Stale only when Glance is failing; an undecided answer about this very request
             # (a proxy's 400 for an oversized token, a redirect) is no outage.
             failing = isinstance(exc, GlanceUnavailable) or exc.failing
             if failing and known is not None and now < known.stale_until:
-                self.metrics.authz.labels("stale").inc()
+                self.metrics.decision("stale").inc()
                 return Decision(known.has_data, stale=True)
-            self.metrics.authz.labels(
+            self.metrics.decision(
                 "error" if isinstance(exc, GlanceUnavailable) else "undecided"
             ).inc()
             raise
-        self.metrics.authz.labels("allowed").inc()
+        self.metrics.decision("allowed").inc()
         has_data = verdict is Verdict.GRANTED
         if has_data and (self.ttl > 0 or self.stale_if_error > 0):
             self._remember(key, has_data, now)

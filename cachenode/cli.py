@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 from cachenode import __version__, ctl
 from cachenode.config import Config, default_config_path, load_config, where_glance
@@ -103,12 +104,28 @@ def _operate(args: argparse.Namespace, config: Config) -> int:
     return ctl.verify(client, out)
 
 
+class SecondFormatter(logging.Formatter):
+    """``logging.Formatter`` with its default time stamp (``2026-01-01 00:00:00,000``) made once
+    a second instead of once a line: ``strftime`` cost each access log line more than the rest
+    of its formatting. The text is the same, to the millisecond."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None or self.default_msec_format is None:
+            return super().formatTime(record, datefmt)
+        second, stamp = self._second
+        if int(record.created) != second:
+            second = int(record.created)
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (second, stamp)  # one assignment: a handler of another thread
+        return self.default_msec_format % (stamp, record.msecs)
+
+
 def serve(config: Config) -> int:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SecondFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     try:
         asyncio.run(_serve(config))
     except CachenodeError as exc:

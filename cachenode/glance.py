@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import re
 import secrets
@@ -104,10 +103,13 @@ class Credentials:
 
     def digest(self, key: bytes) -> bytes:
         """A keyed digest that names these credentials in memory without holding them."""
-        mac = hmac.new(key, digestmod=hashlib.sha256)
-        for name, value in self.headers:
-            mac.update(name.encode() + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0")
-        return mac.digest()
+        # BLAKE2b in its keyed mode (a MAC by design, RFC 7693), 256 bits: as strong a name as
+        # HMAC-SHA256, at half its cost, and every download pays for one.
+        message = b"".join(
+            name.encode() + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0"
+            for name, value in self.headers
+        )
+        return hashlib.blake2b(message, key=key, digest_size=32).digest()
 
     def __bool__(self) -> bool:
         return bool(self.headers)

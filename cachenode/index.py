@@ -11,13 +11,19 @@ about k of them, whatever the size of the catalog. ``sortedcontainers`` keeps ea
 at O(log n) an insertion; a heap would have to be popped to be walked, and a plan that finds no
 room must leave the order as it was.
 
+A hit does not move its entry in those lists at once: that was most of what a hit cost the index
+(two sorted-list operations an order, at 10,000 entries) while nothing reads the orders but a plan.
+The entry as it is ranked is noted (``_moved``, once per entry however often it is hit) and every
+moved entry takes its place before anything reads or changes the orders (``_settle``): a plan sees
+exactly the order it would have seen, and an image hit a thousand times between two plans moves
+once.
+
 Not thread-safe: it lives on the event loop, and only there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 
 from sortedcontainers import SortedList
 
@@ -40,6 +46,7 @@ class Index:
         self._entries: dict[str, Entry] = {}
         self._pins: set[str] = set()
         self._dirty: set[str] = set()
+        self._moved: dict[str, Entry] = {}  # touched evictable entries, as they are ranked
         # The policy's order, and last access for max_idle when that is another order.
         order = self.policy.order
         orders = {order, "lru"} if self.policy.max_idle is not None else {order}
@@ -69,13 +76,14 @@ class Index:
 
     def add(self, entry: Entry) -> None:
         """Hold ``entry``, in place of any entry of the same image."""
-        self.remove(entry.image_id)
+        self.remove(entry.image_id)  # settles
         self._entries[entry.image_id] = entry
         self.total_bytes += entry.size
         if not is_pinned(self.policy, entry, self._pins):
             self._rank(entry)
 
     def remove(self, image_id: str) -> Entry | None:
+        self._settle()
         entry = self._entries.pop(image_id, None)
         if entry is None:
             return None
@@ -90,16 +98,13 @@ class Index:
         entry = self._entries.get(image_id)
         if entry is None:
             return
-        touched = replace(entry, last_access=now, hits=entry.hits + 1)
-        evictable = not is_pinned(self.policy, entry, self._pins)
-        if evictable:
-            self._unrank(entry)
-        self._entries[image_id] = touched
-        if evictable:
-            self._rank(touched)
+        if image_id not in self._moved and not is_pinned(self.policy, entry, self._pins):
+            self._moved[image_id] = entry  # ranked as it is now until the next _settle
+        self._entries[image_id] = _touched(entry, now)
         self._dirty.add(image_id)
 
     def pin(self, image_id: str) -> None:
+        self._settle()
         entry = self._entries.get(image_id)
         if entry is not None and not is_pinned(self.policy, entry, self._pins):
             self._unrank(entry)
@@ -108,6 +113,7 @@ class Index:
     def unpin(self, image_id: str) -> None:
         if image_id not in self._pins:
             return
+        self._settle()
         self._pins.discard(image_id)
         entry = self._entries.get(image_id)
         if entry is not None and not is_pinned(self.policy, entry, self._pins):
@@ -131,8 +137,20 @@ class Index:
         return self._walk("lru")
 
     def _walk(self, order: str) -> Iterator[Entry]:
+        self._settle()
         for _, image_id in self._orders[order]:
             yield self._entries[image_id]
+
+    def _settle(self) -> None:
+        """Every entry hit since the last call to its place in the orders (see the module)."""
+        for image_id, ranked in self._moved.items():
+            now = self._entries[image_id]
+            for order, entries in self._orders.items():
+                before, after = _rank(order, ranked), _rank(order, now)
+                if before != after:
+                    entries.remove(before)
+                    entries.add(after)
+        self._moved.clear()
 
     def _rank(self, entry: Entry) -> None:
         self.evictable_bytes += entry.size
@@ -148,3 +166,12 @@ class Index:
 def _rank(order: str, entry: Entry) -> _Rank:
     """Where ``entry`` sorts in ``order``; the image id makes every rank distinct."""
     return EVICTION_ORDER[order](entry), entry.image_id
+
+
+def _touched(entry: Entry, now: float) -> Entry:
+    """``dataclasses.replace(entry, last_access=now, hits=entry.hits + 1)`` at a quarter of its
+    cost (every hit makes one): the fields copied as they are, with no ``__init__`` to run."""
+    fields = dict(entry.__dict__, last_access=now, hits=entry.hits + 1)
+    touched: Entry = object.__new__(Entry)
+    touched.__dict__.update(fields)
+    return touched

@@ -11,7 +11,12 @@ rare events (an integrity failure) would miss the first one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Histogram)
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _FILL = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -39,6 +44,22 @@ RENEWALS = ("ok", "error")
 LOCATIONS = ("answered", "refused", "failed")  # Glance's locations API (cachenode.locations)
 
 
+class Children(Generic[M]):
+    """A metric's child for one label value, looked up once: ``labels()`` costs a hit more
+    (a lock, a tuple of strings checked) than counting it. Nothing removes a child, so a child
+    once looked up stays the one the registry exports."""
+
+    def __init__(self, metric: M) -> None:
+        self._labels: Callable[[str], M] = metric.labels
+        self._children: dict[str, M] = {}
+
+    def __call__(self, value: str) -> M:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._labels(value)
+        return child
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -50,6 +71,8 @@ class Metrics:
         self.served_bytes = Counter(
             p + "served_bytes", "Image bytes sent to callers, by source", ["tier"], registry=r
         )
+        # The labelled metrics of every download, by label value (``Children``).
+        self.request, self.served = Children(self.requests), Children(self.served_bytes)
         self.upstream_bytes = Counter(
             p + "upstream_bytes", "Image bytes received from each tier", ["tier"], registry=r
         )
@@ -69,6 +92,7 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.first_byte = Children(self.ttfb)
         self.inflight_fills = Gauge(p + "inflight_fills", "Fills running now", registry=r)
         self.coalesced = Counter(
             p + "coalesced_requests", "Callers served by another caller's fill", registry=r
@@ -76,6 +100,7 @@ class Metrics:
         self.authz = Counter(
             p + "authz", "Authorization decisions by outcome", ["outcome"], registry=r
         )
+        self.decision = Children(self.authz)
         self.integrity_failures = Counter(
             p + "integrity_failures",
             "Fills whose bytes failed the size or hash check",
