@@ -2,11 +2,12 @@
 
 Bytes may arrive out of order (parallel ranged requests) but each byte is put exactly once. Two
 single-thread executors do the work, each in the order it is given: one writes (pwrite; given a
-``direct`` descriptor, whole blocks go around the page cache, see ``cachenode.direct``), one
-hashes. A chunk that continues the hashed prefix is hashed from memory as it arrives; bytes that
-arrived ahead of it are hashed later, read back from the file once the written prefix reaches
-them. ``landed`` is that written prefix: readers may send everything below it. The last bytes
-received stay in memory (``recent``), for readers to send without reading them back.
+``direct`` descriptor, whole blocks that continue the hashed prefix go around the page cache,
+see ``cachenode.direct``), one hashes. A chunk that continues the hashed prefix is hashed from
+memory as it arrives; bytes that arrived ahead of it are hashed later, read back from the file
+(the page cache: they were written through it) once the written prefix reaches them. ``landed``
+is that written prefix: readers may send everything below it. The last bytes received stay in
+memory (``recent``), for readers to send without reading them back.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class Sink:
     async def put(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``; waits only when too many jobs are queued."""
         self._check()
-        if self._runs is None:
+        if self._runs is None or offset != self._hashed_to:
+            # Bytes ahead of the hashed prefix are read back for the hash once it reaches them:
+            # through the page cache, that read costs a copy, around it a disk read as well.
             self._submit(Write(offset, memoryview(data), direct=False))
         else:
             for write in self._runs.put(data, offset):
