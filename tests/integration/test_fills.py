@@ -76,6 +76,18 @@ async def fills_over(
         await local.stop()
 
 
+def hold_commits(fills: Fills, entered: threading.Event, release: threading.Event) -> None:
+    """Make each commit of ``fills`` set ``entered``, then wait (in its thread) for ``release``."""
+    real_commit = fills.local.blobs.commit
+
+    def commit(path: Path, fd: int, image_id: str) -> Path:
+        entered.set()
+        release.wait(10)
+        return real_commit(path, fd, image_id)
+
+    fills.local.blobs.commit = commit  # type: ignore[method-assign]
+
+
 async def filled(fills: Fills, data: bytes) -> Fill:
     """Fill the image of ``data``, to its end (committed or failed)."""
     fill, _ = fills.start(image_of(data), None)
@@ -133,14 +145,7 @@ def test_a_cancel_during_commit_waits_for_it_and_leaves_one_consistent_state(
 
     async def main() -> None:
         async with fills_over(tmp_path / "cache", upstream) as fills:
-            real_commit = fills.local.blobs.commit
-
-            def commit(path: Path, fd: int, image_id: str) -> Path:
-                in_commit.set()
-                release.wait(10)
-                return real_commit(path, fd, image_id)
-
-            fills.local.blobs.commit = commit  # type: ignore[method-assign]
+            hold_commits(fills, in_commit, release)
             before = open_fds()
             fill, _ = fills.start(image_of(data), None)
             loop = asyncio.get_running_loop()
@@ -326,14 +331,7 @@ def test_a_fill_stopped_during_its_commit_is_evicted_once_committed(tmp_path: Pa
     async def main() -> None:
         async with fills_over(tmp_path / "cache", upstream) as fills:
             with_room(fills)
-            real_commit = fills.local.blobs.commit
-
-            def commit(path: Path, fd: int, image_id: str) -> Path:
-                in_commit.set()
-                release.wait(10)
-                return real_commit(path, fd, image_id)
-
-            fills.local.blobs.commit = commit  # type: ignore[method-assign]
+            hold_commits(fills, in_commit, release)
             fill, _ = fills.start(image_of(data), None)
             await asyncio.get_running_loop().run_in_executor(None, in_commit.wait, 10)
             assert fills.stop(IMAGE_ID, "deleted")

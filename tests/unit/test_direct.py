@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import mmap
@@ -14,10 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachenode.blobs import BlobStore
-from cachenode.direct import BLOCK, BUFFER, Runs, Write, open_direct
+from cachenode.direct import BLOCK, BUFFER, Runs, Write
 from cachenode.recent import Recent
-from cachenode.sink import Sink
+from tests.unit.test_sink import run_sink
 
 
 def apply(writes: list[Write], disk: bytearray, seen: list[int]) -> None:
@@ -109,47 +107,18 @@ def test_recent_holds_the_last_bytes_and_only_immutable_ones() -> None:
     assert recent.held <= 3000
 
 
-def direct_file(tmp_path: Path, size: int) -> tuple[int, int, Path]:
-    path = tmp_path / "blob"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
-    os.posix_fallocate(fd, 0, size)
-    dfd = open_direct(path)
-    if dfd is None:
-        os.close(fd)
-        pytest.skip(f"{tmp_path} does not take O_DIRECT")
-    return fd, dfd, path
-
-
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_sink_writes_direct_lands_and_hashes_in_order(tmp_path: Path, shuffle: bool) -> None:
     size = 5 * BUFFER + 12345
     image = os.urandom(size)
     rng = random.Random(7)
     cuts = sorted(rng.sample(range(1, size), 40))
-    pieces = list(itertools.pairwise([0, *cuts, size]))
+    chunks = [image[s:e] for s, e in itertools.pairwise([0, *cuts, size])]
+    order = list(range(len(chunks)))
     if shuffle:
-        rng.shuffle(pieces)
-    fd, dfd, path = direct_file(tmp_path, size)
-    landed: list[int] = []
-
-    async def main() -> str:
-        sink = Sink(fd, "sha512", BlobStore.write, landed.append, direct=(dfd, size))
-        try:
-            for start, end in pieces:
-                await sink.put(image[start:end], start)
-                if shuffle:
-                    sink.end(end)
-            await sink.drain()
-            return sink.hexdigest()
-        finally:
-            await sink.aclose()
-
-    try:
-        digest = asyncio.run(main())
-    finally:
-        os.close(fd)
-        os.close(dfd)
-    assert path.read_bytes() == image
+        rng.shuffle(order)
+    landed, digest, on_disk = run_sink(tmp_path, chunks, order=order, direct=True)
+    assert on_disk == image
     assert digest == hashlib.sha512(image).hexdigest()
     assert landed == sorted(landed) and landed[-1] == size
 

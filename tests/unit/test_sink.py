@@ -14,24 +14,39 @@ from pathlib import Path
 import pytest
 
 from cachenode.blobs import BlobStore
+from cachenode.direct import open_direct
 from cachenode.errors import StoreError
 from cachenode.sink import Sink
 
 
 def run_sink(
-    tmp_path: Path, chunks: list[bytes], write=BlobStore.write, order: list[int] | None = None
+    tmp_path: Path,
+    chunks: list[bytes],
+    write=BlobStore.write,
+    order: list[int] | None = None,
+    direct: bool = False,
 ) -> tuple[list[int], str, bytes]:  # type: ignore[no-untyped-def]
-    """Put ``chunks`` (in ``order`` of their indexes, default in order); what landed, the hash."""
+    """Put ``chunks`` (in ``order`` of their indexes, default in order); what landed, the hash.
+
+    ``direct``: through an O_DIRECT descriptor too, each chunk a run of its own (skipped where
+    the filesystem refuses O_DIRECT)."""
     path = tmp_path / "blob"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     landed: list[int] = []
     offsets = list(accumulate([0] + [len(c) for c in chunks]))
+    os.posix_fallocate(fd, 0, max(offsets[-1], 1))
+    dfd = open_direct(path) if direct else None
+    if direct and dfd is None:
+        os.close(fd)
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
 
     async def main() -> str:
-        sink = Sink(fd, "sha512", write, landed.append)
+        sink = Sink(fd, "sha512", write, landed.append,
+                    direct=None if dfd is None else (dfd, offsets[-1]))  # fmt: skip
         try:
             for i in order or range(len(chunks)):
                 await sink.put(chunks[i], offsets[i])
+                sink.end(offsets[i + 1])
             await sink.drain()
             assert sink.landed == offsets[-1]
             return sink.hexdigest()
@@ -42,6 +57,8 @@ def run_sink(
         digest = asyncio.run(main())
     finally:
         os.close(fd)
+        if dfd is not None:
+            os.close(dfd)
     return landed, digest, path.read_bytes()
 
 
