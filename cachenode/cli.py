@@ -153,9 +153,14 @@ async def _serve(config: Config) -> None:
         for task in waits:
             task.cancel()
         logging.getLogger("cachenode").info("stopping")
-        await sidecar.stop()
-    if not signalled.is_set():
-        # Handed over: exiting would have the kubelet restart this container, which would take
-        # the sockets back (cachenode.handover). Holding nothing now, it waits for its SIGTERM.
-        logging.getLogger("cachenode").info("stopped after the handover; waiting for SIGTERM")
-        await signalled.wait()
+        try:
+            await sidecar.stop()
+        finally:
+            if sidecar.handed_over.is_set() and not signalled.is_set():
+                # Exiting now, even on a failed stop, would have the kubelet restart this
+                # container, which would take the sockets back from its successor
+                # (cachenode.handover). Holding nothing, it waits for its SIGTERM.
+                logging.getLogger("cachenode").info(
+                    "stopped after the handover; waiting for SIGTERM"
+                )
+                await signalled.wait()

@@ -21,6 +21,12 @@ bytes into aligned buffers and turns them into writes:
   with one is ended (``end_idle``, called by the sink after IDLE seconds), and continues as a
   new run if its tier sends more.
 
+Readers of the partial file read it through the page cache, and read-ahead may bring in blocks
+not written yet (zeros of the reserved file). The kernel invalidates the page cache over the
+range of every direct write, before and after it, so those pages never outlive the write; what
+would defeat that (the file mapped with mmap, pages dirtied through another path) is not done
+here, and a hit is still a file whose hash was checked from the bytes written.
+
 Deciding the writes is pure (``Runs.put`` and ``Runs.end`` return them); the sink carries them out.
 A filesystem that refuses O_DIRECT (tmpfs, some network filesystems) gets every write through the
 page cache instead (``open_direct`` returns None).

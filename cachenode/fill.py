@@ -210,7 +210,11 @@ class Fill:
         self._read_fd = read_fd
 
     def _close_if_unused(self) -> None:
-        if self.done and self.readers == 0 and self._read_fd is not None:
+        if not self.done or self.readers:
+            return
+        if self.recent is not None:
+            self.recent.clear()  # nobody reads from the fill any more
+        if self._read_fd is not None:
             fd, self._read_fd = self._read_fd, None
             os.close(fd)
 
@@ -347,8 +351,8 @@ class Fills:
                 await finish(self.local.release(part))  # the next start resumes it
             elif part is not None:
                 await finish(self.local.discard(part))  # nothing left of a commit that happened
-            if fill.stopped is not None and fill.image.id in self.local:
-                await finish(self.local.evict(fill.image.id, fill.stopped))  # committed meanwhile
+            if fill.stopped is not None:
+                await self._forget(fill)
             self.local.unreserve(fill.image.id)  # its file is gone or kept, or it is an entry
             # Readers learn the outcome only now, when nothing partial is left on disk.
             if fill.error is not None:
@@ -358,6 +362,17 @@ class Fills:
             self.metrics.fills.labels(fill.tier or "none", self._outcome(fill)).inc()
             fill._close_if_unused()
             fill._notify()
+
+    async def _forget(self, fill: Fill) -> None:
+        """A stopped fill's end: the entry it committed meanwhile goes, and its readers are cut
+        even if the stop came too late to cancel it (already cleaning up, its commit done)."""
+        if fill.error is None:
+            fill.error = FillStopped(f"image {fill.image.id} {fill.stopped} while it was filled")
+        try:
+            if fill.image.id in self.local:
+                await finish(self.local.evict(fill.image.id, fill.stopped or "stopped"))
+        except Exception:  # the cleanup must go on: readers wait on it, its room is held
+            log.exception("could not evict %s after its fill was stopped", fill.image.id)
 
     def _succeeded(self, fill: Fill, started: float) -> None:
         elapsed = time.monotonic() - started

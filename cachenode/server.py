@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -59,6 +60,9 @@ from cachenode.tiers import Body
 
 log = logging.getLogger(__name__)
 
+# Cold small reads of hits, in a pool of their own: a burst of them (a lazy boot's first reads
+# of a freshly filled image) must not queue the catalog's and commits' work behind it.
+_COLD_READS = ThreadPoolExecutor(4, thread_name_prefix="hit-read")
 NEAR = 1 << 20  # a range starting this close past a fill's landed bytes waits for them
 access = logging.getLogger("cachenode.access")
 SENT = web.RequestKey(
@@ -540,7 +544,9 @@ async def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:
     fd, count = fobj.fileno(), end - start
     data = _read_cached(fd, count, start)
     if data is None:
-        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, count, start)
+        data = await asyncio.get_running_loop().run_in_executor(
+            _COLD_READS, os.pread, fd, count, start
+        )
     if len(data) != count:
         raise StoreError(f"blob {fobj.name} ends before byte {end}")  # verified size: never
     return data

@@ -13,7 +13,9 @@ memory (``recent``), for readers to send without reading them back.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import logging
 import os
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +27,8 @@ from cachenode.direct import Runs, Write
 from cachenode.errors import StoreError
 from cachenode.recent import Recent
 from cachenode.spans import Spans
+
+log = logging.getLogger(__name__)
 
 READ_BACK = 1 << 20
 IDLE = 0.05  # seconds a run's partial block may wait for the rest of its bytes
@@ -48,6 +52,7 @@ class Sink:
         self._direct_fd = direct[0] if direct else None
         self._runs = Runs(direct[1]) if direct else None
         self._idle: asyncio.TimerHandle | None = None
+        self._direct_refused = False  # a filesystem took O_DIRECT at open, refused it at write
         self.hasher: Any = hashlib.new(algorithm)
         self.landed = 0
         self._write = write
@@ -63,7 +68,7 @@ class Sink:
     async def put(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``; waits only when too many jobs are queued."""
         self._check()
-        if self._runs is None or offset != self._hashed_to:
+        if self._runs is None or self._direct_refused or offset != self._hashed_to:
             # Bytes ahead of the hashed prefix are read back for the hash once it reaches them:
             # through the page cache, that read costs a copy, around it a disk read as well.
             self._submit(Write(offset, memoryview(data), direct=False))
@@ -87,6 +92,23 @@ class Sink:
             for write in self._runs.end(offset):
                 self._submit(write)
 
+    def _write_direct(self, view: memoryview, offset: int) -> None:
+        """A direct write; where the filesystem refuses it at write time (some FUSE and stacked
+        filesystems accept O_DIRECT at open, or want a larger alignment), the same bytes go
+        through the page cache, and so does the rest of the fill."""
+        if not self._direct_refused and self._direct_fd is not None:
+            try:
+                self._write(self._direct_fd, view, offset)
+                return
+            except StoreError as exc:
+                cause = exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno != errno.EINVAL:
+                    raise
+                self._direct_refused = True
+                log.warning("direct writes refused (%s): this fill goes through the page cache",
+                            cause.strerror)  # fmt: skip
+        self._write(self.fd, view, offset)
+
     def _watch(self) -> None:
         """While bytes wait for the rest of their block, look again in IDLE seconds: a run
         that did not grow meanwhile is written as it is (readers and the journal get it)."""
@@ -102,10 +124,9 @@ class Sink:
         self._watch()
 
     def _submit(self, write: Write) -> None:
-        fd = self._direct_fd if write.direct else self.fd
-        assert fd is not None
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._writer, self._write, fd, write.view, write.offset)
+        put = self._write_direct if write.direct else partial(self._write, self.fd)
+        job = loop.run_in_executor(self._writer, put, write.view, write.offset)
         job.add_done_callback(partial(self._wrote, write))
         self._jobs.append(job)
 

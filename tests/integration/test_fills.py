@@ -322,6 +322,38 @@ def test_a_stopped_fill_commits_nothing_and_gives_its_room_back(
         asyncio.run(main())
 
 
+def test_a_fill_stopped_once_in_its_cleanup_still_ends_stopped(tmp_path: Path) -> None:
+    """The stop lands after the commit, while the fill cleans up (too late to cancel it): the
+    fill still ends as stopped, so its readers are cut, and the entry goes."""
+    data = os.urandom(1 << 20)
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            with_room(fills)
+            in_cleanup, release = asyncio.Event(), asyncio.Event()
+            real_discard = fills.local.discard
+
+            async def discard(part):  # type: ignore[no-untyped-def]
+                in_cleanup.set()
+                await release.wait()
+                await real_discard(part)
+
+            fills.local.discard = discard  # type: ignore[method-assign]
+            fill, _ = fills.start(image_of(data), None)
+            await asyncio.wait_for(in_cleanup.wait(), 10)
+            assert fill.ending and IMAGE_ID in fills.local  # committed, cleaning up
+            assert fills.stop(IMAGE_ID, "deleted")
+            for _ in range(20):
+                await asyncio.sleep(0)  # the cancel would be delivered now: it is not sent
+            release.set()
+            assert fill.task is not None
+            await fill.task
+            stopped_cleanly(fills, fill)
+
+    with Upstream(blobs={IMAGE_ID: data}) as upstream:
+        asyncio.run(main())
+
+
 def test_a_fill_stopped_during_its_commit_is_evicted_once_committed(tmp_path: Path) -> None:
     """The stop lands while the commit is in its thread: the commit completes (a rename is not
     stopped halfway), then the entry goes, as its image was deleted."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import itertools
 import mmap
@@ -13,7 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cachenode.blobs import BlobStore
 from cachenode.direct import BLOCK, BUFFER, Runs, Write
+from cachenode.errors import StoreError
 from cachenode.recent import Recent
 from tests.unit.test_sink import run_sink
 
@@ -142,3 +146,25 @@ def test_recent_counts_the_whole_chunk_a_slice_pins() -> None:
     assert recent.held == 1 << 20
     recent.keep(memoryview(chunk)[10:20], 10)
     assert recent.get(0, 10) is None and bytes(recent.get(10, 20) or b"") == chunk[10:20]
+
+
+def test_direct_writes_refused_at_write_time_go_through_the_page_cache(tmp_path: Path) -> None:
+    """A filesystem that takes O_DIRECT at open and refuses it at write (EINVAL): the fill's
+    bytes all land, through the page cache, with the right hash."""
+    refused: list[int] = []
+
+    def write(fd: int, data: bytes | memoryview, offset: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            try:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            except OSError as exc:
+                raise StoreError("write failed: Invalid argument") from exc
+        BlobStore.write(fd, data, offset)
+
+    image = os.urandom(3 * BUFFER + 777)
+    chunks = [image[i : i + 300_000] for i in range(0, len(image), 300_000)]
+    landed, digest, on_disk = run_sink(tmp_path, chunks, write=write, direct=True)
+    assert refused == [0]  # asked once; every later write went through the page cache
+    assert on_disk == image and digest == hashlib.sha512(image).hexdigest()
+    assert landed[-1] == len(image)
