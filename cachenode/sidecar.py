@@ -28,6 +28,8 @@ from cachenode.tiers import TierSet, build_tier
 
 log = logging.getLogger(__name__)
 
+ACCEPTED_GRACE = 1.0  # seconds a connection accepted before a stop has to send its request
+
 
 class Sidecar:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
@@ -153,6 +155,28 @@ class Sidecar:
         await web.SockSite(runner, sock, backlog=1024).start()
         self._runners.append(runner)
 
+    async def _stop_accepting(self) -> None:
+        """Close the listening sockets (this process's copies), then give each connection
+        accepted just before that up to ACCEPTED_GRACE seconds to send its first request.
+
+        aiohttp's shutdown closes every connection with no request in progress. A caller whose
+        connection this process accepted an instant before the close (a successor took the
+        sockets, systemd restarts the service), and whose request was still on its way, would
+        see its connection dropped unanswered; its request is served instead, and the streams in
+        flight finish as before."""
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+        for _ in range(round(ACCEPTED_GRACE / 0.01)):  # aiohttp tells nobody of a request's start
+            if not any(
+                _awaiting_first_request(conn)
+                for runner in self._runners
+                if runner.server is not None
+                for conn in runner.server.connections
+            ):
+                break
+            await asyncio.sleep(0.01)
+
     async def stop(self) -> None:
         self.ready = False
         if self._giver is not None:
@@ -161,6 +185,7 @@ class Sidecar:
             self._janitor_task.cancel()
         if self.listener is not None:
             await asyncio.to_thread(self.listener.stop)
+        await self._stop_accepting()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.fills.close()
@@ -170,3 +195,9 @@ class Sidecar:
         await self.local.stop()
         if self._cache_lock is not None:
             os.close(self._cache_lock)  # the next sidecar may open the cache now
+
+
+def _awaiting_first_request(conn: object) -> bool:
+    """Whether an accepted connection has not sent a request yet (aiohttp counts the requests
+    it parsed on each connection; without that count, no connection is waited for)."""
+    return getattr(conn, "_request_count", 1) == 0

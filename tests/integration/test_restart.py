@@ -310,3 +310,24 @@ def test_a_hostile_handover_peer_is_ignored(
     assert f"handover at {handover_path} refused" in log and "binding the listeners" in log
     assert "Traceback" not in log
     assert handover_path.is_socket()  # the new sidecar offers its own sockets there now
+
+
+def test_a_connection_accepted_before_a_stop_is_answered(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
+    """A caller whose connection the sidecar accepted an instant before it stopped accepting
+    (a SIGTERM, a successor taking the sockets), and whose request comes after that, is
+    answered: its connection is not closed as idle."""
+    image = glance.create_image(1 << 20)
+    car = sidecar_factory().start()
+    assert car.get(image.id, ALICE).status_code == 200  # cached: the answer needs no tier
+    with socket.create_connection(("127.0.0.1", car.port), timeout=30) as conn:
+        time.sleep(0.3)  # accepted by the sidecar's loop, no request sent yet
+        assert car.proc is not None
+        car.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the stop has begun: the listener is closed
+        reply = http.client.HTTPConnection("127.0.0.1", car.port, timeout=30)
+        reply.sock = conn
+        reply.request("GET", f"/v2/images/{image.id}/file", headers={"X-Auth-Token": ALICE})
+        answer = reply.getresponse()
+        body = answer.read()
+    assert answer.status == 200 and hashlib.sha512(body).hexdigest() == image.sha512
+    assert car.proc.wait(30) == 0
