@@ -55,15 +55,16 @@ def same_address(bound: tuple[str, int], wanted: tuple[str, int]) -> bool:
 
 def assign(
     bound: Mapping[int, tuple[str, int]],
-    wanted: Mapping[str, list[tuple[str, int]]],
+    wanted: Mapping[str, tuple[str, int]],
     source: str = "systemd",
 ) -> dict[str, int]:
     """Which inherited descriptor serves which listener. ``bound`` maps each descriptor to its
-    address, ``wanted`` each listener's config key to the addresses it may be bound to;
-    ``source`` names who passed them, for the error."""
+    address, ``wanted`` each listener's config key to its address (an IP address: config
+    refuses names, so there is nothing to resolve); ``source`` names who passed them, for the
+    error."""
     chosen: dict[str, int] = {}
     for fd, address in bound.items():
-        keys = [k for k, addrs in wanted.items() if any(same_address(address, a) for a in addrs)]
+        keys = [k for k, addr in wanted.items() if same_address(address, addr)]
         where = (
             f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
         )
@@ -76,15 +77,6 @@ def assign(
             raise ConfigError(keys[0], f"{source} passed two sockets for it ({where} twice)")
         chosen[keys[0]] = fd
     return chosen
-
-
-def resolve(address: tuple[str, int]) -> list[tuple[str, int]]:
-    """The numeric addresses a configured ``host:port`` stands for (blocking: a name lookup)."""
-    try:
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
-    except OSError:
-        return [address]
-    return [(str(info[4][0]), int(info[4][1])) for info in infos]
 
 
 def inherited(
@@ -111,7 +103,7 @@ def adopt(
         for fd in fds:
             socks[fd] = _listening(fd, source)
         bound = {fd: (str(s.getsockname()[0]), int(s.getsockname()[1])) for fd, s in socks.items()}
-        chosen = assign(bound, {key: resolve(addr) for key, addr in wanted.items()}, source)
+        chosen = assign(bound, wanted, source)
     except ConfigError:
         for fd in fds:
             if fd in socks:

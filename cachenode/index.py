@@ -169,8 +169,13 @@ def _rank(order: str, entry: Entry) -> _Rank:
 
 
 def _touched(entry: Entry, now: float) -> Entry:
-    """``dataclasses.replace(entry, last_access=now, hits=entry.hits + 1)`` at a quarter of its
-    cost (every hit makes one): the fields copied as they are, with no ``__init__`` to run."""
+    """``dataclasses.replace(entry, last_access=now, hits=entry.hits + 1)``, by hand: every hit
+    makes one. ``replace`` gathers the fields one by one and runs ``__init__`` (a frozen
+    dataclass's sets each field through ``object.__setattr__``): about 2.5 µs a call against
+    0.5 µs here (CPython 3.11, an Entry with tags and properties, timeit): 2 µs more per hit,
+    about 1% of the CPU time a small hit costs the sidecar (README, performance). ``__dict__``
+    holds every field, so a field added to Entry is copied too (tests/unit/test_index.py checks
+    each one)."""
     fields = dict(entry.__dict__, last_access=now, hits=entry.hits + 1)
     touched: Entry = object.__new__(Entry)
     touched.__dict__.update(fields)

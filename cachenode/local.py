@@ -494,26 +494,36 @@ class Local:
 
     async def remove(self, claimed: list[tuple[Entry, str]]) -> int:
         """Remove claimed entries from the catalog and the disk, in one thread; the bytes freed.
-        An entry whose record cannot be removed goes back into the index (StoreError raised)."""
+        An entry whose record cannot be removed goes back into the index (StoreError raised),
+        even if this task is cancelled meanwhile (``_removed``)."""
         if not claimed:
             return 0
         done = asyncio.Event()
         for entry, _ in claimed:
-            self._evicting[entry.image_id] = done
+            self._evicting[entry.image_id] = done  # before any await: a commit waits for it
+        kept = await finish(self._removed(claimed, done))
+        if kept:
+            raise StoreError(f"catalog: {len(kept)} entries could not be evicted")
+        return sum(entry.size for entry, _ in claimed)
+
+    async def _removed(self, claimed: list[tuple[Entry, str]], done: asyncio.Event) -> list[Entry]:
+        """The thread of ``remove`` and the bookkeeping of its outcome, as one unit that
+        ``finish`` runs to its end: a cancel of the caller lands only after the entries whose
+        record stays are back in the index, so its byte count never leaves them out until a
+        restart. The entries kept."""
+        kept: list[Entry] = []
         try:
-            kept = await finish(self._run(self._uncatalog, claimed))
+            kept = await self._run(self._uncatalog, claimed)
         finally:
             for entry, _ in claimed:
                 self.freeing -= entry.size
                 if self._evicting.get(entry.image_id) is done:
                     del self._evicting[entry.image_id]
+            for entry in kept:
+                self.index.add(entry)
             done.set()
-        for entry in kept:
-            self.index.add(entry)
-        self._publish()
-        if kept:
-            raise StoreError(f"catalog: {len(kept)} entries could not be evicted")
-        return sum(entry.size for entry, _ in claimed)
+            self._publish()
+        return kept
 
     def _uncatalog(self, claimed: list[tuple[Entry, str]]) -> list[Entry]:
         """Each record, then its blob; the entries whose record stays (the catalog failed)."""

@@ -30,7 +30,7 @@ TIER_FAILURES = ("connect", "timeout", "http_5xx", "short_read", "denied", "not_
 EVICTIONS = ("idle", "size", "disk", "requested", "verify", "deleted", "inconsistent")
 PASSTHROUGH = ("not_cacheable", "multi_range", "no_data", "not_active", "empty", "unverifiable",
                "no_tier", "tier_failed", "no_room", "store_error", "undecided",
-               "repeated_credentials", "ambiguous_headers", "tiers_busy")  # fmt: skip
+               "repeated_credentials", "ambiguous_headers", "tiers_busy", "deleted")  # fmt: skip
 # Glance's notifications (cachenode.notifications): every event counted, with the actions it can get
 NOTIFICATIONS = {
     "image.delete": ("evict",),

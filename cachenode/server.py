@@ -31,6 +31,7 @@ from cachenode.errors import (
     CachenodeError,
     FillBroken,
     FillFailed,
+    FillStopped,
     GlanceRefused,
     GlanceUnavailable,
     NoRoom,
@@ -220,6 +221,8 @@ class DataPlane:
                 return await self._bypass(request, "store_error")
             except TiersBusy:
                 return await self._bypass(request, "tiers_busy")  # Glance serves it at once
+            except FillStopped:
+                return await self._bypass(request, "deleted")  # Glance answers for its image
             except FillFailed:
                 return await self._bypass(request, "tier_failed")
             fobj = open_handle()

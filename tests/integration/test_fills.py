@@ -197,6 +197,47 @@ def test_a_blob_that_cannot_be_removed_leaves_l1_consistent(tmp_path: Path) -> N
     assert not (tmp_path / "cache" / "blobs" / IMAGE_ID[:2] / IMAGE_ID).exists()
 
 
+def test_an_eviction_cancelled_while_the_catalog_fails_gives_the_entry_back(
+    tmp_path: Path,
+) -> None:
+    """The catalog cannot delete the record, and the evicting task is cancelled (a shutdown)
+    while its thread tries: the entry stays recorded, so it is back in the index and counted in
+    its bytes, as after the same failure without the cancel; nothing is counted as freeing."""
+    data = os.urandom(256 << 10)
+    in_delete, release = threading.Event(), threading.Event()
+
+    async def main() -> None:
+        async with fills_over(tmp_path / "cache", upstream) as fills:
+            await filled(fills, data)
+            local = fills.local
+
+            def delete(image_id: str) -> bool:
+                in_delete.set()
+                release.wait(10)
+                raise StoreError("catalog: database is locked")
+
+            local.catalog.delete = delete  # type: ignore[method-assign]
+            evicting = asyncio.create_task(local.evict(IMAGE_ID, "requested"))
+            await asyncio.get_running_loop().run_in_executor(None, in_delete.wait, 10)
+            evicting.cancel()  # delivered while the thread holds the delete
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not evicting.done()  # the cancel waits for the thread
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await evicting
+            assert IMAGE_ID in local
+            assert local.total_bytes == len(data) and local.total_entries == 1
+            assert local.freeing == 0
+            assert local.metrics.cache_bytes._value.get() == len(data)
+            hit = await local.lookup(IMAGE_ID)
+            assert hit is not None
+            hit[1].close()
+
+    with Upstream(blobs={IMAGE_ID: data}) as upstream:
+        asyncio.run(main())
+
+
 def test_a_blob_of_the_wrong_size_is_dropped_not_served(tmp_path: Path) -> None:
     data = os.urandom(256 << 10)
 

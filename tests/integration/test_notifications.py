@@ -179,6 +179,39 @@ def test_a_fill_of_a_deleted_image_stops_and_commits_nothing(
         assert car.blobs() == [] and car.partials() == []
 
 
+def test_a_caller_waiting_on_a_fill_of_a_deleted_image_gets_glances_answer(
+    sidecar_factory, rabbit: Rabbit, glance_notifying: Glance, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The tier sends headers and holds every byte, so the caller waits for the fill's first
+    byte; the image is deleted in Glance. The stopped fill passes the caller to Glance (its
+    404), counted as a deletion, not as a tier that failed."""
+    glance = glance_notifying
+    image = glance.create_image(1 * MiB)
+    hold = Fault("hold", at=0, seconds=30)
+    with Upstream(target=glance.url, faults=[hold]) as l2:
+        car: Sidecar = sidecar_factory(
+            glance_url=glance.url,
+            authz={"ttl": "10m"},
+            notifications={"transport_url_file": str(rabbit.url_file(tmp_path))},
+            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        ).start()
+        wait_for(lambda: car.metric("cachenode_notifications_connected") == 1, timeout=20)
+        answers: list[requests.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(car.get(image.id, ALICE)))
+        waiting.start()
+        assert hold.reached.wait(20)  # the fill has its tier's headers, not one byte
+        glance.api("DELETE", f"/v2/images/{image.id}").raise_for_status()
+        waiting.join(30)
+        hold.release()
+        [resp] = answers
+        assert (resp.status_code, resp.headers["X-Cachenode-Status"]) == (404, "BYPASS")
+        assert resp.content == direct(glance, image.id, ALICE).content
+        assert car.metric("cachenode_passthrough_total", reason="deleted") == 1
+        assert car.metric("cachenode_passthrough_total", reason="tier_failed") == 0
+        car.settle()
+        assert car.blobs() == [] and car.partials() == []
+
+
 def test_a_bus_outage_costs_no_download(
     listening: Sidecar, rabbit: Rabbit, glance_notifying: Glance
 ) -> None:

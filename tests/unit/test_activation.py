@@ -13,10 +13,7 @@ import pytest
 from cachenode.activation import assign, inherited, listen_fds, same_address
 from cachenode.errors import ConfigError
 
-WANTED = {
-    "listen": [("127.0.0.1", 9393)],
-    "admin.listen": [("127.0.0.1", 9394)],
-}
+WANTED = {"listen": ("127.0.0.1", 9393), "admin.listen": ("127.0.0.1", 9394)}
 
 
 def test_descriptors_are_ours_only_with_our_pid() -> None:
@@ -35,7 +32,7 @@ def test_addresses_compare_as_addresses() -> None:
     assert same_address(("0.0.0.0", 9393), ("0.0.0.0", 9393))
     assert not same_address(("127.0.0.1", 9393), ("127.0.0.1", 9394))
     assert not same_address(("::", 9393), ("0.0.0.0", 9393))  # ListenStream=9393 is [::]
-    assert not same_address(("127.0.0.1", 9393), ("localhost", 9393))  # resolved before
+    assert not same_address(("127.0.0.1", 9393), ("localhost", 9393))  # config refuses names
 
 
 def test_each_socket_goes_to_the_listener_at_its_address() -> None:

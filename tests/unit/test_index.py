@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachenode.catalog import Entry
-from cachenode.index import Index
+from cachenode.index import Index, _touched
 from cachenode.policy import ORDERS, Policy, Selector, Usage, plan, plan_over
 from cachenode.units import Size
 
@@ -134,3 +135,16 @@ def test_pinned_entries_are_not_walked() -> None:
     index.touch("img-00000", NOW)
     assert next(index.in_order()).image_id == "img-00001"  # lru: touched, now the last
     assert [e.image_id for e in index.in_order()][-1] == "img-00000"
+
+
+def test_a_hit_copies_every_field_of_the_entry() -> None:
+    """``_touched`` copies an entry by hand (for speed): every field, one added later included,
+    comes through as it was, and only the access time and the hit count change. Each field in
+    turn holds a value no default can equal, so a copy that leaves one out fails here."""
+    base = entry(1, 100, 1.0, 2.0, hits=4)
+    for f in dataclasses.fields(Entry):
+        if f.name in ("last_access", "hits"):
+            continue
+        marked = dataclasses.replace(base, **{f.name: object()})
+        expected = dataclasses.replace(marked, last_access=NOW, hits=5)
+        assert _touched(marked, NOW) == expected, f.name
