@@ -111,7 +111,7 @@ class Sink:
         self._check()
         view = memoryview(data)
         prefix = offset == self._hashed_to
-        held = prefix or self._ahead.keep(view, offset)
+        held = prefix or (offset > self._hashed_to and self._ahead.keep(view, offset))
         if self._runs is not None and not self._direct_refused and held:
             for write in self._runs.put(view, offset):
                 self._submit(write)
