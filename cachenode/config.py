@@ -58,7 +58,7 @@ class TierConfig:
     kind: str
     url: str
     parallel: int = 1
-    chunk_size: int = 64 * 2**20
+    chunk_size: int = 16 * 2**20
     connect_timeout: float = CONNECT_TIMEOUT
     read_timeout: float = 30.0
     failures_before_cooldown: int = 3
@@ -150,7 +150,7 @@ def _tier(path: str, data: object) -> TierConfig:
         kind=kind,
         url=s.take("url", v.http_url),
         parallel=s.take("parallel", v.integer(1, 64), 1),
-        chunk_size=s.take("chunk_size", lambda x: parse_size(x).bytes, 64 * 2**20),
+        chunk_size=s.take("chunk_size", lambda x: parse_size(x).bytes, 16 * 2**20),
         connect_timeout=s.take("connect_timeout", _positive_duration, CONNECT_TIMEOUT),
         read_timeout=s.take("read_timeout", parse_duration, 30.0),
         failures_before_cooldown=s.take("failures_before_cooldown", v.integer(1), 3),

@@ -48,6 +48,17 @@ log = logging.getLogger(__name__)
 # Failures that say this tier will not serve this image at all: not worth a retry on it.
 _HOPELESS = (RangeNotSupported, TierNotFound, TierDenied)
 
+AHEAD = 64 << 20  # the most a fill holds in memory of bytes ahead of its hashed prefix
+
+
+def ahead_budget(tiers: list[Tier]) -> int:
+    """What a fill from ``tiers`` may hold of the bytes its parallel pieces put ahead of the
+    hashed prefix (``Sink``'s ``ahead``): the pieces of every worker but the prefix's, AHEAD
+    at most. Held, they are hashed from memory and written around the page cache; beyond it,
+    they are written through it and read back for the hash."""
+    pieces = [(t.config.parallel - 1) * t.config.chunk_size for t in tiers if t.ranged]
+    return min(AHEAD, max(pieces, default=0))
+
 
 @dataclass
 class Provenance:

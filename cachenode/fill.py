@@ -49,7 +49,7 @@ from cachenode.errors import (
     StoreError,
     TiersBusy,
 )
-from cachenode.fetch import Fetch, Provenance
+from cachenode.fetch import Fetch, Provenance, ahead_budget
 from cachenode.glance import Credentials, ImageInfo
 from cachenode.limits import Limits, Priority, Ticket
 from cachenode.local import Local, Partial, finish
@@ -435,8 +435,9 @@ class Fills:
         recorder = journal.Recorder(part.journal_fd, part.fd, header,
                                     part.kept.seq + 1 if part.kept else 0)  # fmt: skip
         direct = None if part.direct_fd is None else (part.direct_fd, fill.size)
+        candidates = self.candidates(fill.image.id)
         sink = Sink(part.fd, fill.verifier[0], self.local.blobs.write, fill.advance,
-                    recorder.written, direct)  # fmt: skip
+                    recorder.written, direct, ahead_budget(candidates))  # fmt: skip
         fill.recent = sink.recent
         have = Spans(part.kept.record.spans if part.kept else ())
         if have:
@@ -445,7 +446,7 @@ class Fills:
             log.info("resuming the fill of %s with %d bytes of a previous run",
                      fill.image.id, have.total)  # fmt: skip
             sink.resume(have)  # readers get the prefix at once; the hash reads it from disk
-        fetch = Fetch(fill.image, fill.size, sink, self.tiers, self.candidates(fill.image.id),
+        fetch = Fetch(fill.image, fill.size, sink, self.tiers, candidates,
                       creds, self.metrics, fill.provenance, self.limits, fill.ticket,
                       have)  # fmt: skip
         try:

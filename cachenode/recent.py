@@ -6,6 +6,11 @@ on disk; sending them from the chunks the fill still holds costs one copy into t
 where reading them back would cost a disk read and a page-cache fill. A caller further behind
 than ``LIMIT`` (a slow link, one that joined late) is sent the file with sendfile, as a hit is.
 
+A chunk is kept once the fill's hash reaches it: as it arrives for one stream; for a parallel
+fill, a piece held ahead of the hashed prefix (``cachenode.sink.Ahead``) is kept when the prefix
+reaches it, and the limit grows by that fill's ahead budget, since a caller is then sent the
+whole run of pieces the prefix just passed.
+
 Only immutable chunks are kept: the bytes sent are exactly the bytes written and hashed.
 """
 
@@ -31,9 +36,9 @@ class Recent:
             return  # a buffer someone may reuse is never sent later
         self._chunks[offset] = view
         self._order.append(offset)
-        self.held += _pinned(view)
+        self.held += pinned(view)
         while self.held > self.limit:
-            self.held -= _pinned(self._chunks.pop(self._order.popleft()))
+            self.held -= pinned(self._chunks.pop(self._order.popleft()))
 
     def get(self, start: int, end: int) -> memoryview | None:
         """Bytes from ``start`` (up to ``end``) held in memory, or None."""
@@ -52,7 +57,7 @@ class Recent:
         self.held = 0
 
 
-def _pinned(view: memoryview) -> int:
+def pinned(view: memoryview) -> int:
     """Memory a kept view holds: the whole chunk it is a slice of (counted again for each
     slice kept: more than held, never less)."""
     return len(view.obj)  # type: ignore[arg-type]

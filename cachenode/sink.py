@@ -2,12 +2,13 @@
 
 Bytes may arrive out of order (parallel ranged requests) but each byte is put exactly once. Two
 single-thread executors do the work, each in the order it is given: one writes (pwrite; given a
-``direct`` descriptor, whole blocks that continue the hashed prefix go around the page cache,
-see ``cachenode.direct``), one hashes. A chunk that continues the hashed prefix is hashed from
-memory as it arrives; bytes that arrived ahead of it are hashed later, read back from the file
-(the page cache: they were written through it) once the written prefix reaches them. ``landed``
-is that written prefix: readers may send everything below it. The last bytes received stay in
-memory (``recent``), for readers to send without reading them back.
+``direct`` descriptor, whole blocks of the bytes held in memory go around the page cache, see
+``cachenode.direct``), one hashes. A chunk that continues the hashed prefix is hashed from memory
+as it arrives. A chunk that arrives ahead of it (a parallel piece) is held in memory (``Ahead``,
+up to the fill's ``ahead`` budget) and hashed when the prefix reaches it; one over the budget is
+written through the page cache and read back from it for the hash once the written prefix
+reaches it. ``landed`` is that written prefix: readers may send everything below it. The bytes
+the hash last reached stay in memory (``recent``), for readers to send without reading them back.
 """
 
 from __future__ import annotations
@@ -23,15 +24,51 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from sortedcontainers import SortedDict
+
 from cachenode.direct import Runs, Write
 from cachenode.errors import StoreError
-from cachenode.recent import Recent
+from cachenode.recent import LIMIT, Recent, pinned
 from cachenode.spans import Spans
 
 log = logging.getLogger(__name__)
 
 READ_BACK = 1 << 20
 IDLE = 0.05  # seconds a run's partial block may wait for the rest of its bytes
+
+
+class Ahead:
+    """Chunks put ahead of the hashed prefix, held until the prefix reaches them, ``limit``
+    bytes at most (counted as the whole chunks they pin). Only immutable chunks are held: the
+    bytes hashed are exactly the bytes written."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._chunks: SortedDict[int, memoryview] = SortedDict()
+
+    def keep(self, view: memoryview, offset: int) -> bool:
+        """Hold ``view``; False (nothing held) when it is not immutable or over the budget."""
+        if not isinstance(view.obj, bytes) or self.held + pinned(view) > self.limit:
+            return False
+        self._chunks[offset] = view
+        self.held += pinned(view)
+        return True
+
+    def pop(self, offset: int) -> memoryview | None:
+        """The chunk held at exactly ``offset``, let go of."""
+        view: memoryview | None = self._chunks.pop(offset, None)
+        if view is not None:
+            self.held -= pinned(view)
+        return view
+
+    def first(self) -> int | None:
+        """The lowest offset held."""
+        return self._chunks.peekitem(0)[0] if self._chunks else None
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.held = 0
 
 
 class Sink:
@@ -45,10 +82,14 @@ class Sink:
         on_landed: Callable[[int], None],
         on_written: Callable[[Spans, int], None] | None = None,
         direct: tuple[int, int] | None = None,
+        ahead: int = 0,
     ) -> None:
-        """``direct``: an O_DIRECT descriptor on the same file and the file's size."""
+        """``direct``: an O_DIRECT descriptor on the same file and the file's size. ``ahead``:
+        the bytes put ahead of the hashed prefix that may be held in memory (``Fetch.ahead``);
+        readers are sent as much again from memory once the prefix reaches them."""
         self.fd = fd
-        self.recent = Recent()
+        self.recent = Recent(LIMIT + ahead)
+        self._ahead = Ahead(ahead)
         self._direct_fd = direct[0] if direct else None
         self._runs = Runs(direct[1]) if direct else None
         self._idle: asyncio.TimerHandle | None = None
@@ -68,23 +109,47 @@ class Sink:
     async def put(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``; waits only when too many jobs are queued."""
         self._check()
-        if self._runs is None or self._direct_refused or offset != self._hashed_to:
-            # Bytes ahead of the hashed prefix are read back for the hash once it reaches them:
-            # through the page cache, that read costs a copy, around it a disk read as well.
-            self._submit(Write(offset, memoryview(data), direct=False))
-        else:
-            for write in self._runs.put(data, offset):
+        view = memoryview(data)
+        prefix = offset == self._hashed_to
+        held = prefix or (offset > self._hashed_to and self._ahead.keep(view, offset))
+        if self._runs is not None and not self._direct_refused and held:
+            for write in self._runs.put(view, offset):
                 self._submit(write)
             self._watch()
-        self.recent.keep(data, offset)
-        if offset == self._hashed_to:
-            loop = asyncio.get_running_loop()
-            self._jobs.append(loop.run_in_executor(self._hashing, self.hasher.update, data))
-            self._hashed_to += len(data)
+        else:
+            # Bytes not held in memory are read back for the hash once the prefix reaches them:
+            # through the page cache, that read costs a copy, around it a disk read as well.
+            self._submit(Write(offset, view, direct=False))
+        if prefix:
+            self._hash(view, offset)
+            self._catch_up()
         while len(self._jobs) > self.DEPTH:
             await asyncio.wait([self._jobs[0]])
             self._settle()
         self._check()
+
+    def _hash(self, view: memoryview, offset: int) -> None:
+        """Hash ``view``, which continues the hashed prefix; readers may be sent it from memory."""
+        self.recent.keep(view, offset)
+        loop = asyncio.get_running_loop()
+        self._jobs.append(loop.run_in_executor(self._hashing, self.hasher.update, view))
+        self._hashed_to += len(view)
+
+    def _catch_up(self) -> None:
+        """Hash, in image order, what follows the hashed prefix and is there: chunks held in
+        memory as they are, other bytes read back from the file once written."""
+        while True:
+            if (held := self._ahead.pop(self._hashed_to)) is not None:
+                self._hash(held, self._hashed_to)
+                continue
+            first = self._ahead.first()
+            stop = self.landed if first is None else min(self.landed, first)
+            if stop <= self._hashed_to:
+                return
+            loop = asyncio.get_running_loop()
+            job = loop.run_in_executor(self._hashing, self._read_back, self._hashed_to, stop)
+            self._jobs.append(job)
+            self._hashed_to = stop
 
     def end(self, offset: int) -> None:
         """A run of puts (one request to a tier) stopped at ``offset``: write what it left."""
@@ -169,13 +234,7 @@ class Sink:
         if landed <= self.landed:
             return
         self.landed = landed
-        if self._hashed_to < landed:
-            # Bytes that came ahead of the prefix (or a previous run's): the prefix reached them.
-            job = asyncio.get_running_loop().run_in_executor(
-                self._hashing, self._read_back, self._hashed_to, landed
-            )
-            self._jobs.append(job)
-            self._hashed_to = landed
+        self._catch_up()  # bytes not held that came ahead of the prefix (or a previous run's)
         self._on_landed(landed)
 
     def _read_back(self, start: int, end: int) -> None:
@@ -206,6 +265,7 @@ class Sink:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        self._ahead.clear()
         loop = asyncio.get_running_loop()
         for pool in (self._writer, self._hashing):
             await loop.run_in_executor(None, partial(pool.shutdown, wait=True, cancel_futures=True))

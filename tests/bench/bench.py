@@ -267,6 +267,7 @@ def main() -> int:
         # then again, in the page cache.
         car = sidecar("hit")
         assert curl(f"{car.url}/v2/images/{image_id}/file", ALICE).status == 200  # fill it
+        car.settle()  # the commit follows the last byte sent
         hits: dict[str, list[Fetch]] = {"cold": [], "warm": []}
         refs: dict[str, list[Fetch]] = {"cold": [], "warm": []}
         for _ in range(RUNS):
@@ -311,7 +312,8 @@ def main() -> int:
             )
         )
 
-        # A parallel fill: four ranged streams of 64 MiB pieces against the single stream above.
+        # A parallel fill: four ranged streams of 16 MiB pieces (the default) against the single
+        # stream above.
         par = []
         for n in range(RUNS):
             c = sidecar(f"par{n}", parallel=4)

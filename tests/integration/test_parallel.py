@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 from itertools import pairwise
 
+import pytest
+
+from cachenode import direct
 from tests.support.clients import Caller, run_all
 from tests.support.glance import ALICE, Glance
+from tests.support.pagecache import resident
 from tests.support.upstream import Fault, Upstream
 
 MiB = 1 << 20
@@ -112,3 +117,29 @@ def test_a_tier_that_ignores_range_is_not_read_in_pieces(glance: Glance, sidecar
         # Only a piece at 0 can be cut out of a whole body; every other piece went to the backup.
         assert [s.range for s in good.requests_for(image.id)] == [f"bytes={MiB}-"]
         assert sidecar.metric("cachenode_tier_failures_total", tier="mirror", kind="no_range") >= 1
+
+
+def test_parallel_pieces_are_hashed_from_memory_and_leave_the_page_cache(
+    glance: Glance, sidecar_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """Pieces that land ahead of the hashed prefix are held in memory until it reaches them, so
+    they are written around the page cache like the prefix, never read back for the hash, and
+    the caller is sent them from memory: once committed, none of the blob is in the page cache."""
+    image = glance.create_image(16 * MiB)
+    throttle = Fault("throttle", rate=16 * MiB, times=-1)  # per connection: the pieces interleave
+    with Upstream(blobs={image.id: image.data}, faults=[throttle]) as origin:
+        car = sidecar_factory(tiers=[mirror(origin.url)]).start()
+        probe = car.cache_dir / "direct-probe"
+        probe.touch()
+        fd = direct.open_direct(probe)
+        if fd is None:
+            pytest.skip(f"{car.cache_dir} does not take O_DIRECT")
+        os.close(fd)
+        got = car.get(image.id, ALICE)
+        assert got.status_code == 200 and got.content == image.data
+        assert len(ranges_asked(origin, image.id)) == 16  # 1 MiB pieces, four at a time
+        car.settle()
+        (blob,) = car.blobs()
+        # Through the page cache (the pieces ahead of the prefix, before), 12 MiB would be there.
+        assert resident(blob) == 0
+        assert blob.read_bytes() == image.data

@@ -25,6 +25,7 @@ def run_sink(
     write=BlobStore.write,
     order: list[int] | None = None,
     direct: bool = False,
+    ahead: int = 0,
 ) -> tuple[list[int], str, bytes]:  # type: ignore[no-untyped-def]
     """Put ``chunks`` (in ``order`` of their indexes, default in order); what landed, the hash.
 
@@ -42,7 +43,7 @@ def run_sink(
 
     async def main() -> str:
         sink = Sink(fd, "sha512", write, landed.append,
-                    direct=None if dfd is None else (dfd, offsets[-1]))  # fmt: skip
+                    direct=None if dfd is None else (dfd, offsets[-1]), ahead=ahead)  # fmt: skip
         try:
             for i in order or range(len(chunks)):
                 await sink.put(chunks[i], offsets[i])
@@ -95,6 +96,34 @@ def test_out_of_order_pieces_land_as_a_prefix_and_hash_in_image_order(tmp_path: 
         assert landed == sorted(landed) and landed[-1] == len(on_disk)
         offsets = set(accumulate(len(c) for c in chunks))
         assert set(landed) <= offsets  # only ever a boundary of written chunks
+        (tmp_path / "blob").unlink()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_pieces_ahead_are_hashed_from_memory_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Pieces that arrive ahead of the hashed prefix are held and hashed from memory, up to the
+    ``ahead`` budget; only what came over it is read back from the file for the hash."""
+    chunks = [os.urandom(1 << 20) for _ in range(8)]
+    read_back: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        data = pread(fd, n, offset)
+        read_back.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", counted)
+    order = [1, 2, 3, 4, 5, 6, 7, 0]  # all but the first MiB arrive before it
+    for budget, over in ((8 << 20, 0), (3 << 20, 4 << 20), (0, 7 << 20)):
+        landed, digest, on_disk = run_sink(tmp_path, chunks, order=order, direct=direct,
+                                           ahead=budget)  # fmt: skip
+        assert on_disk == b"".join(chunks)
+        assert digest == hashlib.sha512(on_disk).hexdigest()
+        assert landed[-1] == len(on_disk)
+        assert sum(read_back) == over, budget
+        read_back.clear()
         (tmp_path / "blob").unlink()
 
 
