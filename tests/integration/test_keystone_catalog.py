@@ -8,6 +8,7 @@ endpoints of RegionOne, which other tests' tokens carry, are never touched."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -205,3 +206,40 @@ def test_a_sigterm_while_asking_the_catalog_stops_at_once(
         "stopping before serving: asked to stop while waiting for Keystone's catalog to name Glance"
     )
     assert " ERROR " not in log and "Traceback" not in log
+
+
+def test_a_sigterm_while_keystone_says_nothing_stops_at_once(
+    sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Keystone takes the connection and never answers: one attempt would last its timeout
+    (up to 30 s). A stop asked for meanwhile does not wait for it."""
+    secret = tmp_path / "cachenode.password"
+    secret.write_text("cachenodepass\n")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        sidecar: Sidecar = sidecar_factory(
+            from_catalog=True, glance={"catalog_timeout": "60s"},
+            service_auth={
+                "auth_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v3",
+                "auth_type": "password", "username": "cachenode",
+                "password_file": str(secret), "project_name": "service",
+            },
+        )  # fmt: skip
+        sidecar.start(ready=False)
+        assert sidecar.proc is not None
+        conn, _ = silent.accept()  # the first attempt is on its way, and gets no answer
+        with conn:
+            asked = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(10) == 0
+            took = time.monotonic() - asked
+    assert took < 1.5, took
+    log = sidecar.log()
+    said = [line for line in log.splitlines() if "stopping" in line]
+    assert len(said) == 1, log
+    assert said[0].endswith(
+        "stopping before serving: asked to stop while waiting for Keystone's catalog to name Glance"
+    )
+    assert "Traceback" not in log
