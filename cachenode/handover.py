@@ -45,7 +45,7 @@ process restarted in its place (the kubelet, systemd) would bind fresh sockets a
 same lock again: callers lost, nothing gained. Waiting keeps them, and serves them the instant
 the giver lets go. How long is too long is the orchestrator's to say, where the operator sets it
 (the DaemonSet's liveness probe on the admin port, which nobody answers meanwhile); its SIGTERM
-ends the wait at once (``Sidecar.start``).
+ends the wait at once, closing the sockets (``Sidecar._lock_cache``).
 
 Each handover is counted by role and outcome (``cachenode_handovers_total``, ``metrics``).
 """

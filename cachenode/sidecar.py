@@ -142,13 +142,14 @@ class Sidecar:
 
     async def _lock_cache(self, socks: dict[str, socket.socket]) -> int:
         """The cache's lock (``handover.lock_cache``), for as long as the previous sidecar holds it.
-        A start that ends here, stopped or failed, closes the listening sockets first. Sockets it
-        bound: nobody else listens there. Sockets it took over: the previous sidecar closed its
-        descriptors on handing them over and went on to stop, so no process will accept what is
-        queued in them once this one ends; closing them now answers those callers at once (a
-        reset, which clients retry) instead of at exit. Handing them back would need the previous
-        sidecar to accept again after its stop began, a second direction of the protocol for a
-        rare case, and the next start binds the ports afresh."""
+        A start that ends here, stopped or failed, closes the listening sockets first (its own
+        descriptors: systemd keeps its own). Sockets it bound: nobody else listens there. Sockets
+        it took over: the previous sidecar closed its descriptors on handing them over and went
+        on to stop, so no process will accept what is queued in them once this one ends; closing
+        them now answers those callers at once (a reset, an error they can retry) instead of at
+        exit, the same answer. Handing them back would need the previous sidecar to accept again
+        after its stop began, a second direction of the protocol for a rare case; the next start
+        binds the ports afresh."""
         try:
             return await self._unless_stopped(
                 f"the previous sidecar to close {self.config.cache_dir}",
