@@ -163,8 +163,10 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        # A giver's ``given`` stays in the registry of a process whose admin port went with it:
-        # a scrape finds it on the taker, as ``taker``/``taken``.
+        # A taker counts once, before its admin port answers: its first scrape already shows
+        # the outcome, which increase() cannot see; read it raw (the dashboard does). A giver's
+        # ``given`` stays in a process whose admin port went with the sockets: a scrape finds
+        # it on the taker, as ``taker``/``taken``.
         self.handovers = Counter(
             p + "handovers",
             "Listening-socket handovers (handover.path) by role and outcome: a giver's sockets "
