@@ -138,29 +138,31 @@ def serve(config: Config) -> int:
 
 
 async def _serve(config: Config) -> None:
-    from cachenode.sidecar import Sidecar
+    from cachenode.sidecar import Sidecar, StartAbandoned
 
+    log = logging.getLogger("cachenode")
     sidecar = Sidecar(config)
-    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signalled.set)
-    await sidecar.start()
-    waits = [asyncio.create_task(e.wait()) for e in (signalled, sidecar.handed_over)]
+        loop.add_signal_handler(sig, sidecar.stop_requested.set)
+    try:
+        await sidecar.start()  # a stop asked for while it waits ends it (Sidecar._unless_stopped)
+    except StartAbandoned as exc:
+        log.info("stopping before serving: asked to stop while waiting for %s", exc)
+        return
+    waits = [asyncio.create_task(e.wait()) for e in (sidecar.stop_requested, sidecar.handed_over)]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in waits:
             task.cancel()
-        logging.getLogger("cachenode").info("stopping")
+        log.info("stopping")
         try:
             await sidecar.stop()
         finally:
-            if sidecar.handed_over.is_set() and not signalled.is_set():
+            if sidecar.handed_over.is_set() and not sidecar.stop_requested.is_set():
                 # Exiting now, even on a failed stop, would have the kubelet restart this
                 # container, which would take the sockets back from its successor
                 # (cachenode.handover). Holding nothing, it waits for its SIGTERM.
-                logging.getLogger("cachenode").info(
-                    "stopped after the handover; waiting for SIGTERM"
-                )
-                await signalled.wait()
+                log.info("stopped after the handover; waiting for SIGTERM")
+                await sidecar.stop_requested.wait()

@@ -33,10 +33,21 @@ exit 1) while that sidecar keeps serving; if nobody does, binding is right.
 it would corrupt it: each start reconciles the catalog with the blobs and sweeps ``partial/``,
 discarding the other's fills in progress. So with a handover path set, the cache is locked
 (``flock`` on ``<cache.dir>/lock``, released by the kernel however the holder ends) and the taker
-opens it only once the giver has drained and closed it, at most ``LOCK_WAIT`` later; meanwhile
-new connections wait in the sockets' backlog (1024), as during a restart under systemd. The cost
-is that wait (the drain: 15 s at most); the alternative, the taker serving from the cache while
-the giver still fills into it, would need the two to share one catalog and one set of fills.
+opens it only once the giver has drained and closed it (``lock_cache``); meanwhile new
+connections wait in the sockets' backlog (1024), as during a restart under systemd. The cost is
+that wait (the drain: 15 s at most); the alternative, the taker serving from the cache while the
+giver still fills into it, would need the two to share one catalog and one set of fills.
+
+**A taker waits for the cache as long as it takes**, saying so every ``LOCK_WAIT``, and never
+gives up by itself. The giver closed its descriptors when it handed over: the taker holds the
+only ones, so a taker that gave up would reset every caller queued in the backlog, and the
+process restarted in its place (the kubelet, systemd) would bind fresh sockets and wait for the
+same lock again: callers lost, nothing gained. Waiting keeps them, and serves them the instant
+the giver lets go. How long is too long is the orchestrator's to say, where the operator sets it
+(the DaemonSet's liveness probe on the admin port, which nobody answers meanwhile); its SIGTERM
+ends the wait at once, closing the sockets (``Sidecar._lock_cache``).
+
+Each handover is counted by role and outcome (``cachenode_handovers_total``, ``metrics``).
 """
 
 from __future__ import annotations
@@ -50,18 +61,19 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from cachenode import activation
 from cachenode.errors import ConfigError, StoreError
+from cachenode.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 TIMEOUT = 2.0  # for the whole exchange, on either side: a handover never holds a start up longer
 MAX_MESSAGE = 1024  # a description is about 60 bytes
-LOCK_WAIT = 60.0  # the giver's drain (15 s) and stop, with room to spare
+LOCK_WAIT = 60.0  # the giver's drain (15 s) and stop, with room to spare: then said again
 TAKEN = b'{"taken": true}'
 SOURCE = "the running sidecar"  # who passed a socket, in errors
 
@@ -96,15 +108,24 @@ def listener_names(message: bytes, count: int, flags: int) -> list[str]:
 
 
 def take(
-    path: Path, wanted: Mapping[str, tuple[str, int]], uid: int | None = None
+    path: Path, wanted: Mapping[str, tuple[str, int]], metrics: Metrics, uid: int | None = None
 ) -> dict[str, socket.socket]:
     """The listening sockets of the sidecar serving at ``path``, by config key (blocking, at most
     TIMEOUT). Empty, after one log line, when there is none or what answers is not one."""
+    outcome, taken = _take(path, wanted, os.getuid() if uid is None else uid)
+    metrics.handovers.labels("taker", outcome).inc()
+    return taken
+
+
+def _take(
+    path: Path, wanted: Mapping[str, tuple[str, int]], uid: int
+) -> tuple[str, dict[str, socket.socket]]:
+    """``take``, and its outcome for the metric: taken, refused or none."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
             conn.settimeout(TIMEOUT)
             conn.connect(str(path))
-            _check_peer(conn, os.getuid() if uid is None else uid)
+            _check_peer(conn, uid)
             message, fds, flags, _ = socket.recv_fds(
                 conn, MAX_MESSAGE, len(wanted), socket.MSG_CMSG_CLOEXEC
             )
@@ -124,12 +145,12 @@ def take(
                 raise
     except (FileNotFoundError, ConnectionRefusedError):
         log.info("no running sidecar at %s to take the listeners from: binding them", path)
-        return {}
+        return "none", {}
     except (Refused, ConfigError, OSError) as exc:
         log.warning("handover at %s refused (%s): binding the listeners", path, _why(exc))
-        return {}
+        return "refused", {}
     log.info("took the listening sockets of the running sidecar: %s", " ".join(sorted(taken)))
-    return taken
+    return "taken", taken
 
 
 class Giver:
@@ -137,11 +158,16 @@ class Giver:
     called once one took them (this process must then stop accepting)."""
 
     def __init__(
-        self, path: Path, sockets: Mapping[str, socket.socket], given: Callable[[], None]
+        self,
+        path: Path,
+        sockets: Mapping[str, socket.socket],
+        given: Callable[[], None],
+        metrics: Metrics,
     ) -> None:
         self.path = path
         self.sockets = dict(sockets)
         self.given = given
+        self.metrics = metrics
         self._server: socket.socket | None = None
         self._inode = 0
         self._task: asyncio.Task[None] | None = None
@@ -182,7 +208,9 @@ class Giver:
                 log.warning("handover at %s: accept failed: %s", self.path, _why(exc))
                 await asyncio.sleep(1.0)
                 continue
-            if await asyncio.to_thread(self._give, conn):
+            given = await asyncio.to_thread(self._give, conn)
+            self.metrics.handovers.labels("giver", "given" if given else "refused").inc()
+            if given:
                 server.close()  # no second taker; the file is the taker's to replace
                 self._server = None
                 self.given()
@@ -219,25 +247,42 @@ class Giver:
                     self.path.unlink()
 
 
-async def lock_cache(cache_dir: Path, wait: float = LOCK_WAIT) -> int:
-    """Hold ``<cache_dir>/lock`` (its descriptor; closing it lets go), waiting up to ``wait``
-    seconds for the process that holds it (a sidecar that handed its sockets over, draining)."""
+async def lock_cache(
+    cache_dir: Path,
+    remind: float = LOCK_WAIT,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> int:
+    """Hold ``<cache_dir>/lock`` (its descriptor; closing it lets go), waiting for the process that
+    holds it (a sidecar that handed its sockets over, draining) as long as it takes: one line
+    when the wait begins, one more each ``remind`` seconds (why never longer: the module's
+    docstring). Cancelled, it lets go of what it opened."""
     fd = await asyncio.to_thread(_open_lock, cache_dir / "lock")
-    deadline = time.monotonic() + wait
-    waiting = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            pass
-        if time.monotonic() > deadline:
-            os.close(fd)
-            raise StoreError(f"{cache_dir} is still in use by another process after {wait:.0f}s")
-        if not waiting:
-            log.info("waiting for the previous sidecar to close %s", cache_dir)
-            waiting = True
-        await asyncio.sleep(0.05)
+    try:
+        began = clock()
+        said = 0  # reminders logged
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            waited = clock() - began
+            if said == 0:
+                log.info("waiting for the previous sidecar to close %s", cache_dir)
+                said = 1
+            elif waited >= said * remind:
+                log.warning(
+                    "still waiting for the previous sidecar to close %s after %.0fs; "
+                    "holding the listening sockets, new connections wait in their backlog",
+                    cache_dir,
+                    waited,
+                )
+                said += 1
+            await sleep(0.05)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_lock(lock: Path) -> int:

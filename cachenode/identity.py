@@ -9,7 +9,8 @@ Two sources, one interface (``await identity.credentials()``):
 Decisions:
 
 - keystoneauth1 does the talking to Keystone (v3 password or application credential, the catalog,
-  TLS); it is synchronous, so every call runs in the default executor, never on the event loop.
+  TLS); it is synchronous, so every call runs in the default executor, never on the event loop;
+  the catalog's at start, in a thread of its own (``_daemon``).
 - Renewal is decided here, not by keystoneauth1's fixed 120 s margin: with short-lived tokens (a
   60 s Keystone) that margin would ask Keystone on every call. A token is renewed when less than a
   quarter of its lifetime, at most ``max_margin`` (120 s), is left; the clock is injectable.
@@ -38,11 +39,15 @@ Glance's endpoint from the catalog (no ``glance.url``; ``glance_endpoint``), at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any, TypeVar
 
 from keystoneauth1 import exceptions as ks_exceptions
 from keystoneauth1 import session as ks_session
@@ -57,6 +62,8 @@ from cachenode.glance import Credentials
 from cachenode.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _plugin(cfg: KeystoneAuth) -> BaseIdentityPlugin:
@@ -173,14 +180,13 @@ class ServiceIdentity:
         """Glance's endpoint from Keystone's catalog, asked again for ``wait`` seconds while the
         answer may still change (see the module's docstring); NoGlanceEndpoint after that."""
         started, delay, attempts = clock(), 1.0, 0
-        loop = asyncio.get_running_loop()
         while True:
             attempts += 1
             left = wait - (clock() - started)
             # one attempt never outlasts what is left by much (at least 1 s, at most 30 s)
             timeout = min(30.0, max(1.0, left))
             try:
-                return await loop.run_in_executor(None, self.glance_endpoint_now, timeout)
+                return await _daemon(functools.partial(self.glance_endpoint_now, timeout))
             except NoGlanceEndpoint as exc:
                 left = wait - (clock() - started)
                 if exc.final or left <= 0:
@@ -256,3 +262,28 @@ def _token(access: AccessInfo) -> str:
     if not token:
         raise ServiceAuthFailed("service_auth: Keystone answered without a token")
     return token
+
+
+def _daemon(call: Callable[[], T]) -> asyncio.Future[T]:
+    """``call`` in a thread of its own, which the process's exit does not wait for. An attempt
+    on the catalog at start may hang for its whole timeout (a Keystone that takes the connection
+    and says nothing); a stop asked for meanwhile abandons the start (``Sidecar._unless_stopped``)
+    and must not then wait for it, as it would for a thread of the default executor."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(set_it: Callable[[Any], None], value: object) -> None:
+        if not future.cancelled():  # cancelled: the start was abandoned
+            set_it(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Callable[[Any], None], object] = (future.set_result, call())
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome = (future.set_exception, exc)
+        # The loop is closed when the start was abandoned and the process is ending.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="keystone-catalog", daemon=True).start()
+    return future

@@ -42,6 +42,8 @@ NOTIFICATIONS = {
 }
 RENEWALS = ("ok", "error")
 LOCATIONS = ("answered", "refused", "failed")  # Glance's locations API (cachenode.locations)
+# The listening-socket handover (cachenode.handover), by this process's role: what can happen
+HANDOVERS = {"giver": ("given", "refused"), "taker": ("taken", "refused", "none")}
 
 
 class Children(Generic[M]):
@@ -161,6 +163,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # A taker counts once, before its admin port answers: its first scrape already shows
+        # the outcome, which increase() cannot see; read it raw (the dashboard does). A giver's
+        # ``given`` stays in a process whose admin port went with the sockets: a scrape finds
+        # it on the taker, as ``taker``/``taken``.
+        self.handovers = Counter(
+            p + "handovers",
+            "Listening-socket handovers (handover.path) by role and outcome: a giver's sockets "
+            "given, or refused (a peer that did not take them); a taker's sockets taken, refused "
+            "(what answered was no sidecar: bound instead) or none (nobody to take from: bound)",
+            ["role", "outcome"],
+            registry=r,
+        )
 
     def listening(self) -> None:
         """A notification listener is configured: export its state (0 until it connects)."""
@@ -185,6 +199,9 @@ class Metrics:
             self.service_auth_renewals.labels(outcome)
         for outcome in LOCATIONS:
             self.locations_lookups.labels(outcome)
+        for role, outcomes in HANDOVERS.items():
+            for outcome in outcomes:
+                self.handovers.labels(role, outcome)
         self.served_bytes.labels("l1")
         for tier in tiers:
             self.served_bytes.labels(tier)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -30,6 +32,13 @@ log = logging.getLogger(__name__)
 
 ACCEPTED_GRACE = 1.0  # seconds a connection accepted before a stop has to send its request
 
+T = TypeVar("T")
+
+
+class StartAbandoned(Exception):
+    """A stop was asked for while the start waited on something outside this process (what it
+    waited for, in one line). Not a CachenodeError: nothing failed, the process ends as stopped."""
+
 
 class Sidecar:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
@@ -37,6 +46,7 @@ class Sidecar:
         self.metrics = metrics or Metrics()
         self.ready = False
         self.handed_over = asyncio.Event()  # set once a new sidecar took the listening sockets
+        self.stop_requested = asyncio.Event()  # SIGTERM, SIGINT (cachenode.cli), at any time
         self._giver: handover.Giver | None = None
         self._cache_lock: int | None = None
         self._runners: list[web.AppRunner] = []
@@ -54,14 +64,17 @@ class Sidecar:
         glance_url = cfg.glance_url
         if glance_url is None:
             assert service is not None  # config: no glance.url without service_auth.auth_url
-            glance_url = await service.glance_endpoint(cfg.glance_catalog_timeout)
+            glance_url = await self._unless_stopped(
+                "Keystone's catalog to name Glance",
+                service.glance_endpoint(cfg.glance_catalog_timeout),
+            )
             cfg = self.config = cfg.with_glance_url(glance_url)  # and the implicit glance tier
         # Then the listening sockets: one systemd should not have passed, or a port in use, stops
         # the start before anything is opened. From here connections wait in the backlog.
         wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
         socks, origin = await asyncio.to_thread(self._sockets, wanted)
         if cfg.handover_path is not None:  # the cache is one process's (cachenode.handover)
-            self._cache_lock = await handover.lock_cache(cfg.cache_dir)
+            self._cache_lock = await self._lock_cache(socks)
         self.local = Local(cfg.cache_dir, self.metrics, cfg.policy, cfg.access_flush_interval)
         await self.local.start()
         # One pool for calls of one round trip, one for image data (see Pools).
@@ -89,7 +102,9 @@ class Sidecar:
         await self._listen(plane.app(), socks["listen"])
         self._janitor_task = asyncio.create_task(self.janitor.run(warmer), name="janitor")
         if cfg.handover_path is not None:
-            self._giver = handover.Giver(cfg.handover_path, socks, self.handed_over.set)
+            self._giver = handover.Giver(
+                cfg.handover_path, socks, self.handed_over.set, self.metrics
+            )
             await self._giver.start()
         self.ready = True
         log.info(
@@ -101,6 +116,49 @@ class Sidecar:
             ",".join(t.name for t in cfg.tiers) or "none",
             cfg.policy.name,
         )
+
+    async def _unless_stopped(self, what: str, wait: Awaitable[T]) -> T:
+        """What ``wait`` gives, unless a stop is asked for first: then ``wait`` is cancelled and
+        the start abandoned at once (StartAbandoned). Every wait of the start on something outside
+        this process goes through here (``what`` names it): it may last minutes (Keystone down,
+        the previous sidecar's drain), and the SIGTERM of an orchestrator that gave up on this
+        start must end it within its grace period, not after the wait. The start's own work is
+        short, and a stop asked for meanwhile is acted on once it is done."""
+        waiting = asyncio.ensure_future(wait)
+        stop = asyncio.create_task(self.stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait((waiting, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                # Whatever it ends with now (cancelled, or an error of the last instant), the
+                # start is abandoned: the stop was asked for first.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await waiting
+        if waiting not in done:
+            raise StartAbandoned(what)
+        return waiting.result()
+
+    async def _lock_cache(self, socks: dict[str, socket.socket]) -> int:
+        """The cache's lock (``handover.lock_cache``), for as long as the previous sidecar holds it.
+        A start that ends here, stopped or failed, closes the listening sockets first (its own
+        descriptors: systemd keeps its own). Sockets it bound: nobody else listens there. Sockets
+        it took over: the previous sidecar closed its descriptors on handing them over and went
+        on to stop, so no process will accept what is queued in them once this one ends; closing
+        them now answers those callers at once (a reset, an error they can retry) instead of at
+        exit, the same answer. Handing them back would need the previous sidecar to accept again
+        after its stop began, a second direction of the protocol for a rare case; the next start
+        binds the ports afresh."""
+        try:
+            return await self._unless_stopped(
+                f"the previous sidecar to close {self.config.cache_dir}",
+                handover.lock_cache(self.config.cache_dir),
+            )
+        except BaseException:
+            for sock in socks.values():
+                sock.close()
+            raise
 
     def _listen_notifications(
         self, authz: Authorizer, warmer: Warmer | None
@@ -132,7 +190,8 @@ class Sidecar:
         else one bound here; and where they came from, for the log (blocking)."""
         socks, origin = activation.inherited(wanted), "systemd"
         if not socks and self.config.handover_path is not None:
-            socks, origin = handover.take(self.config.handover_path, wanted), "the old sidecar"
+            socks = handover.take(self.config.handover_path, wanted, self.metrics)
+            origin = "the old sidecar"
         said = f", sockets from {origin}: " + " ".join(sorted(socks)) if socks else ""
         try:
             for key, address in wanted.items():

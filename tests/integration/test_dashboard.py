@@ -50,6 +50,7 @@ SPEC_METRICS = [
     "locations_lookups_total",
     "tier_rate_limited_seconds_total",
     "resumed_bytes_total",
+    "handovers_total",
 ]
 
 

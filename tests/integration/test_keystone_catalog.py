@@ -7,6 +7,8 @@ endpoints of RegionOne, which other tests' tokens carry, are never touched."""
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,3 +175,71 @@ def test_an_endpoint_url_with_a_password_is_refused_at_once(
         f"region {name} is refused: an URL here takes no user or password (secrets come only "
         f"from files) (asked once in 0s)"
     )
+
+
+def test_a_sigterm_while_asking_the_catalog_stops_at_once(
+    keystone_bed: KeystoneBed, sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A start that keeps asking the catalog (no image endpoint yet) and is told to stop
+    meanwhile stops at once, as a stopped sidecar: exit 0, one line on what it waited for."""
+    bed = keystone_bed
+    with region(bed) as name:  # a region, with no endpoint of its own
+        sidecar: Sidecar = sidecar_factory(
+            from_catalog=True, glance={"catalog_timeout": "60s"},
+            service_auth=service_auth(bed, tmp_path, region_name=name),
+        )  # fmt: skip
+        sidecar.start(ready=False)
+        assert sidecar.proc is not None
+        deadline = time.monotonic() + 30
+        while "asking again in" not in sidecar.log():  # it asked, and waits to ask again
+            assert time.monotonic() < deadline, sidecar.log()
+            time.sleep(0.01)
+        asked = time.monotonic()
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(10) == 0
+        took = time.monotonic() - asked
+    assert took < 1.5, took
+    log = sidecar.log()
+    said = [line for line in log.splitlines() if "stopping" in line]
+    assert len(said) == 1, log
+    assert said[0].endswith(
+        "stopping before serving: asked to stop while waiting for Keystone's catalog to name Glance"
+    )
+    assert " ERROR " not in log and "Traceback" not in log
+
+
+def test_a_sigterm_while_keystone_says_nothing_stops_at_once(
+    sidecar_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Keystone takes the connection and never answers: one attempt would last its timeout
+    (up to 30 s). A stop asked for meanwhile does not wait for it."""
+    secret = tmp_path / "cachenode.password"
+    secret.write_text("cachenodepass\n")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        sidecar: Sidecar = sidecar_factory(
+            from_catalog=True, glance={"catalog_timeout": "60s"},
+            service_auth={
+                "auth_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v3",
+                "auth_type": "password", "username": "cachenode",
+                "password_file": str(secret), "project_name": "service",
+            },
+        )  # fmt: skip
+        sidecar.start(ready=False)
+        assert sidecar.proc is not None
+        conn, _ = silent.accept()  # the first attempt is on its way, and gets no answer
+        with conn:
+            asked = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(10) == 0
+            took = time.monotonic() - asked
+    assert took < 1.5, took
+    log = sidecar.log()
+    said = [line for line in log.splitlines() if "stopping" in line]
+    assert len(said) == 1, log
+    assert said[0].endswith(
+        "stopping before serving: asked to stop while waiting for Keystone's catalog to name Glance"
+    )
+    assert "Traceback" not in log

@@ -8,8 +8,10 @@ sockets. Meanwhile new callers connect and send their requests while no process 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
+import os
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from cachenode.metrics import HANDOVERS
 from tests.support.glance import ALICE, Glance, Image
 from tests.support.handover import Impostor, described, send
 from tests.support.sidecar import Sidecar, free_port
@@ -216,6 +219,20 @@ class Arrivals:
         return [c.join() for c in self.callers]
 
 
+def handovers(car: Sidecar) -> dict[tuple[str, str], float]:
+    """``cachenode_handovers_total`` as scraped from ``car``'s admin port, the series not at 0;
+    every series of both roles is there, at 0 until it happens."""
+    found = {
+        (dict(labels)["role"], dict(labels)["outcome"]): value
+        for (name, labels), value in car.metrics().items()
+        if name == "cachenode_handovers_total"
+    }
+    assert sorted(found) == sorted(
+        (role, outcome) for role, outcomes in HANDOVERS.items() for outcome in outcomes
+    )
+    return {key: value for key, value in found.items() if value}
+
+
 def holds_listener(pid: int, port: int) -> bool:
     """Whether process ``pid`` has a descriptor on the socket listening on 127.0.0.1:``port``."""
     with open("/proc/net/tcp") as table:
@@ -284,6 +301,8 @@ def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
         resp = b.get(image.id, ALICE)
         assert (resp.status_code, resp.headers["X-Cachenode-Status"]) == (200, "HIT")
         assert "Traceback" not in a.log() + b.log()
+        # Only B answers on the admin port now: its side of the handover, and nothing given yet.
+        assert handovers(b) == {("taker", "taken"): 1.0}
 
 
 @pytest.mark.parametrize("peer", ["garbage", "wrong descriptors", "oversized"])
@@ -310,6 +329,7 @@ def test_a_hostile_handover_peer_is_ignored(
     assert f"handover at {handover_path} refused" in log and "binding the listeners" in log
     assert "Traceback" not in log
     assert handover_path.is_socket()  # the new sidecar offers its own sockets there now
+    assert handovers(car) == {("taker", "refused"): 1.0}
 
 
 def test_a_connection_accepted_before_a_stop_is_answered(glance: Glance, sidecar_factory) -> None:  # type: ignore[no-untyped-def]
@@ -331,3 +351,38 @@ def test_a_connection_accepted_before_a_stop_is_answered(glance: Glance, sidecar
         body = answer.read()
     assert answer.status == 200 and hashlib.sha512(body).hexdigest() == image.sha512
     assert car.proc.wait(30) == 0
+
+
+def test_a_sigterm_while_waiting_for_the_cache_stops_at_once(
+    sidecar_factory, handover_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A sidecar that waits for the previous one to close the cache (its drain) and is told to
+    stop meanwhile (the rollout was undone, the node drained) stops at once, as a stopped one:
+    exit 0, one line on what it waited for, its listening sockets closed."""
+    car = sidecar_factory(handover={"path": str(handover_path)})
+    car.cache_dir.mkdir(parents=True)
+    lock = os.open(car.cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the previous sidecar holds it while it drains
+        car.start(ready=False)
+        assert car.proc is not None
+        until(lambda: "waiting for the previous sidecar to close" in car.log(), "waiting")
+        with socket.create_connection(("127.0.0.1", car.port), timeout=10) as caller:
+            asked = time.monotonic()  # the caller is in the backlog
+            car.proc.send_signal(signal.SIGTERM)
+            assert car.proc.wait(10) == 0
+            took = time.monotonic() - asked
+            with pytest.raises(ConnectionResetError):  # nobody will accept it: told so at once
+                caller.recv(1)
+    finally:
+        os.close(lock)
+    assert took < 1.5, took
+    log = car.log()
+    said = [line for line in log.splitlines() if "stopping" in line]
+    assert len(said) == 1, log
+    assert said[0].endswith(
+        "stopping before serving: asked to stop while waiting for the previous sidecar to close "
+        f"{car.cache_dir}"
+    )
+    assert "serving on" not in log and "Traceback" not in log
+    assert _refused(car.port) and _refused(car.admin_port)

@@ -19,8 +19,9 @@ import pytest
 
 from cachenode import handover
 from cachenode.config import parse_config
-from cachenode.errors import ConfigError, StoreError
+from cachenode.errors import ConfigError
 from cachenode.handover import Giver, Refused, listener_names, lock_cache, take
+from cachenode.metrics import Metrics
 from tests.support.handover import Impostor, described, send
 
 
@@ -42,6 +43,17 @@ def listening(kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+def handovers(metrics: Metrics) -> dict[tuple[str, str], float]:
+    """The handovers counted, by role and outcome (those not at 0)."""
+    return {
+        (s.labels["role"], s.labels["outcome"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "cachenode_handovers"
+        for s in family.samples
+        if s.name.endswith("_total") and s.value
+    }
 
 
 def test_a_description_names_one_listener_per_descriptor() -> None:
@@ -78,16 +90,20 @@ def test_a_giver_hands_its_sockets_to_a_taker(path: Path) -> None:
     data, admin = listening(), listening()
     wanted = {"listen": data.getsockname(), "admin.listen": admin.getsockname()}
 
+    giving, taking = Metrics(), Metrics()
+
     async def scene() -> dict[str, socket.socket]:
         given = asyncio.Event()
-        giver = Giver(path, {"listen": data, "admin.listen": admin}, given.set)
+        giver = Giver(path, {"listen": data, "admin.listen": admin}, given.set, giving)
         await giver.start()
-        taken = await asyncio.to_thread(take, path, wanted)
+        taken = await asyncio.to_thread(take, path, wanted, taking)
         await asyncio.wait_for(given.wait(), 5)
         await giver.close()
         return taken
 
     taken = asyncio.run(scene())
+    assert handovers(giving) == {("giver", "given"): 1}
+    assert handovers(taking) == {("taker", "taken"): 1}
     assert path.stat().st_mode & 0o777 == 0o600  # only its own uid may connect
     assert path.exists()  # handed over: the file is the taker's to replace, not removed
     assert sorted(taken) == ["admin.listen", "listen"]
@@ -132,12 +148,14 @@ def test_a_hostile_peer_hands_over_nothing(
             "not listening": send(described(["listen"]), idle),
             "three fds": send(described(["listen"] * 3), other, other, other),
         }[case]
+        metrics = Metrics()
         before = open_fds()
         impostor = Impostor(path, act)
         with caplog.at_level(logging.INFO, "cachenode.handover"):
-            assert take(path, wanted) == {}
+            assert take(path, wanted, metrics) == {}
         impostor.close()
         assert open_fds() == before  # every descriptor received is closed again
+    assert handovers(metrics) == {("taker", "refused"): 1}
     assert impostor.answer == b""  # never told it was taken
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "refused" in caplog.text and "binding the listeners" in caplog.text
@@ -150,29 +168,31 @@ def test_a_silent_peer_costs_the_timeout_not_a_hang(
 ) -> None:
     monkeypatch.setattr(handover, "TIMEOUT", 0.2)
     impostor = Impostor(path, lambda conn: None)
-    assert take(path, wanted) == {}
+    assert take(path, wanted, Metrics()) == {}
     impostor.close()
 
 
 def test_no_sidecar_or_a_stale_file_is_no_handover(
     path: Path, wanted: dict[str, tuple[str, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    metrics = Metrics()
     with caplog.at_level(logging.INFO, "cachenode.handover"):
-        assert take(path, wanted) == {}  # no file
+        assert take(path, wanted, metrics) == {}  # no file
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
             gone.bind(str(path))  # closed at once: a stale file
-        assert take(path, wanted) == {}
+        assert take(path, wanted, metrics) == {}
         path.unlink()
         path.write_text("not a socket")
-        assert take(path, wanted) == {}
+        assert take(path, wanted, metrics) == {}
     assert [r.levelname for r in caplog.records] == ["INFO"] * 3  # a plain file: refused too
+    assert handovers(metrics) == {("taker", "none"): 3}
 
 
 def test_a_taker_checks_the_givers_uid(
     path: Path, wanted: dict[str, tuple[str, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
     impostor = Impostor(path, send(described(["listen"])))
-    assert take(path, wanted, uid=os.getuid() + 1) == {}
+    assert take(path, wanted, Metrics(), uid=os.getuid() + 1) == {}
     impostor.close()
     assert f"runs as uid {os.getuid()}, not {os.getuid() + 1}" in caplog.text
 
@@ -195,7 +215,7 @@ def test_a_giver_hands_nothing_to_another_uid(path: Path) -> None:
 
     async def scene(data: socket.socket) -> str:
         given = asyncio.Event()
-        giver = Giver(path, {"listen": data}, given.set)
+        giver = Giver(path, {"listen": data}, given.set, metrics)
         await giver.start()
         try:
             await asyncio.to_thread(path.chmod, 0o666)  # past the mode: SO_PEERCRED is tested
@@ -212,18 +232,61 @@ def test_a_giver_hands_nothing_to_another_uid(path: Path) -> None:
         assert not given.is_set()
         return out.stdout + out.stderr
 
+    metrics = Metrics()
     with listening() as data:
         assert asyncio.run(scene(data)).split() == ["0", "0"]  # closed on it: nothing sent
+    assert handovers(metrics) == {("giver", "refused"): 1}
     assert not path.exists()  # not handed over: the giver removes its own file on close
 
 
-def test_the_cache_is_one_process_at_a_time(tmp_path: Path) -> None:
+def test_the_cache_is_one_process_at_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The next process waits for the lock as long as it takes, past LOCK_WAIT and past many
+    of them, saying so once a LOCK_WAIT: giving up would reset the callers queued in the
+    sockets it holds (cachenode.handover)."""
+    now = 0.0
+
     async def scene() -> None:
         first = await lock_cache(tmp_path / "cache")
-        with pytest.raises(StoreError, match="still in use by another process"):
-            await lock_cache(tmp_path / "cache", wait=0.1)
-        os.close(first)  # the old process closed its cache (or ended)
-        os.close(await lock_cache(tmp_path / "cache", wait=0.1))
+
+        async def sleep(seconds: float) -> None:  # a clock that runs as fast as the loop
+            nonlocal now
+            now += seconds
+            if now >= 5 * handover.LOCK_WAIT + 1:
+                os.close(first)  # the old process closed its cache at last (or ended)
+            await asyncio.sleep(0)
+
+        with caplog.at_level(logging.INFO, "cachenode.handover"):
+            os.close(await lock_cache(tmp_path / "cache", clock=lambda: now, sleep=sleep))
+
+    asyncio.run(scene())
+    assert now >= 5 * handover.LOCK_WAIT + 1
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == f"waiting for the previous sidecar to close {tmp_path / 'cache'}"
+    assert [m.split(" after ")[1].split(";")[0] for m in said[1:]] == [
+        "60s", "120s", "180s", "240s", "300s"
+    ]  # fmt: skip
+    assert all(r.levelname == "WARNING" for r in caplog.records[1:])
+
+
+def test_a_cancelled_wait_for_the_cache_lets_go_of_it(tmp_path: Path) -> None:
+    async def scene() -> None:
+        first = await lock_cache(tmp_path / "cache")
+        before = open_fds()
+        polled = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            polled.set()  # the lock was tried, and found held
+            await asyncio.sleep(seconds)
+
+        waiting = asyncio.create_task(lock_cache(tmp_path / "cache", sleep=sleep))
+        await polled.wait()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert open_fds() == before
+        os.close(first)
 
     asyncio.run(scene())
 
@@ -249,7 +312,7 @@ def test_a_path_the_giver_cannot_listen_on_costs_only_the_next_handover(
 
     async def scene() -> None:
         with listening() as data:
-            giver = Giver(nowhere, {"listen": data}, lambda: None)
+            giver = Giver(nowhere, {"listen": data}, lambda: None, Metrics())
             await giver.start()
             await giver.close()
 
