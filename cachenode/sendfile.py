@@ -83,7 +83,8 @@ async def _sendfile(
     if sent < count:
         # The file ended early (cut short behind the sidecar's back after it was opened): the
         # caller must see a broken body, not wait for bytes that will never come.
-        log.error("blob %s ended after %d of %d bytes: connection cut", fobj.name, sent, count)
+        log.error("blob %s ends at byte %d, not %d: connection cut", fobj.name, offset + sent,
+                  offset + count)  # fmt: skip
         transport.abort()
         raise ConnectionResetError("the blob ended early")
 
