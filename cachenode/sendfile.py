@@ -3,13 +3,16 @@
 sendfile reads the file in the thread that calls it, the event loop's: a blob the page cache does
 not hold (a fill wrote it around the page cache, ``cachenode.direct``; the host's memory let it
 go) would make each call wait for the disk, and every other caller of the sidecar with it. So a
-send goes out in runs, each of bytes the page cache holds:
+send goes out in windows of WINDOW bytes, each given to sendfile once the page cache holds it:
 
-- a run the page cache holds (one byte probed every PROBE with ``RWF_NOWAIT``, up to RUN bytes)
-  goes to sendfile at once: a warm blob costs a few probes and no thread;
-- a cold window of WINDOW bytes is first read into the page cache by a thread
-  (``_read_into_cache``), and while one window goes out the thread reads the next, so the disk
-  and the socket work at once.
+- a window the page cache holds (one byte probed every PROBE with ``RWF_NOWAIT``) goes at once:
+  a warm blob costs a few probes and no thread;
+- a cold one is first read into the page cache by a thread (``_read_into_cache``), the next
+  window while one goes out, so the disk and the socket work at once.
+
+Windows bound the loop's time in one sendfile call too: the kernel goes on copying while the
+socket takes bytes, and a whole warm image (1 GiB) given to one call held the loop up to 0.2 s on
+loopback (``loop.sendfile`` asks the kernel for all the rest in every syscall).
 
 At most one window per send is being read ahead, and its pages are the page cache's, not ours.
 The thread reads on a descriptor of its own: the caller's may be closed while it still reads (a
@@ -29,9 +32,8 @@ from typing import IO
 
 log = logging.getLogger(__name__)
 
-WINDOW = 8 << 20  # cold bytes a thread reads ahead of sendfile, one window per send at a time
-RUN = 64 << 20  # warm bytes given to one sendfile: bounds how old a probe's answer gets
-PROBE = 1 << 20  # a run is probed one byte every PROBE (the page cache keeps and drops in runs)
+WINDOW = 8 << 20  # bytes one sendfile call is given, and a thread reads ahead of it
+PROBE = 1 << 20  # a window is probed one byte every PROBE (the page cache keeps and drops in runs)
 # Windows in a pool of their own: a cold whole-image hit must not queue a lazy boot's small cold
 # reads (cachenode.server) behind its windows.
 _READ_AHEAD = ThreadPoolExecutor(4, thread_name_prefix="read-ahead")
@@ -42,36 +44,37 @@ async def send(transport: asyncio.WriteTransport, fobj: IO[bytes], offset: int, 
     """Bytes [offset, offset + count) of ``fobj`` to ``transport``; a caller gone raises
     ConnectionError, and a blob that ends early or cannot be read cuts the connection."""
     fd, end = fobj.fileno(), offset + count
-    ahead: _ReadAhead | None = None
+    ahead = _ahead(fd, offset, end)
     try:
         while offset < end:
-            if ahead is None:
-                held = _cached(fd, offset, min(end, offset + RUN))
-                if held == 0:
-                    ahead = _ReadAhead(fd, offset, min(WINDOW, end - offset))
+            length = min(WINDOW, end - offset)
             if ahead is not None:
-                held = await _landed(transport, fobj, ahead)
-                ahead = None
-            nxt = offset + held
-            window = min(WINDOW, end - nxt)
-            if window and _cached(fd, nxt, nxt + window) < window:
-                ahead = _ReadAhead(fd, nxt, window)
-            await _sendfile(transport, fobj, offset, held)
-            offset = nxt
+                await _landed(transport, fobj, ahead)
+            ahead = _ahead(fd, offset + length, end)
+            await _sendfile(transport, fobj, offset, length)
+            offset += length
     finally:
         if ahead is not None:
             ahead.abandon()
 
 
-async def _landed(transport: asyncio.WriteTransport, fobj: IO[bytes], ahead: _ReadAhead) -> int:
-    """Wait for a window's read; its length (sendfile finds out a blob that ended early)."""
+def _ahead(fd: int, offset: int, end: int) -> _ReadAhead | None:
+    """A thread reading the window at ``offset`` into the page cache; None when the page cache
+    holds it already, or no bytes are left."""
+    length = min(WINDOW, end - offset)
+    if length <= 0 or _cached(fd, offset, offset + length):
+        return None
+    return _ReadAhead(fd, offset, length)
+
+
+async def _landed(transport: asyncio.WriteTransport, fobj: IO[bytes], ahead: _ReadAhead) -> None:
+    """Wait for a window's read (sendfile finds out a blob that ended early)."""
     try:
         await asyncio.wrap_future(ahead.future)
     except OSError as exc:
         log.error("blob %s cannot be read: %s: connection cut", fobj.name, exc.strerror)
         transport.abort()
         raise ConnectionResetError("the blob cannot be read") from exc
-    return ahead.length
 
 
 async def _sendfile(
@@ -89,21 +92,18 @@ async def _sendfile(
         raise ConnectionResetError("the blob ended early")
 
 
-def _cached(fd: int, offset: int, end: int) -> int:
-    """How many bytes from ``offset`` on (up to ``end``) the page cache holds, as told by one
-    byte every PROBE: 0 when it does not hold the first run."""
-    at = offset
-    while at < end:
-        probe = min(at + PROBE, end) - 1
+def _cached(fd: int, offset: int, end: int) -> bool:
+    """Whether the page cache holds bytes [offset, end), as told by one byte every PROBE."""
+    while offset < end:
+        offset = min(offset + PROBE, end)
         try:
-            if os.preadv(fd, [_PROBE], probe, os.RWF_NOWAIT) != 1:
-                break  # past the end of the file: sendfile finds that out
+            if os.preadv(fd, [_PROBE], offset - 1, os.RWF_NOWAIT) != 1:
+                return False  # past the end of the file: sendfile finds that out
         except OSError:
             # EAGAIN: not in the page cache. Anything else (a filesystem without RWF_NOWAIT, a
             # disk error) is taken as cold too: the thread's read waits, or reports the error.
-            break
-        at = probe + 1
-    return at - offset
+            return False
+    return True
 
 
 class _ReadAhead:
@@ -111,7 +111,6 @@ class _ReadAhead:
     blob's descriptor that the thread closes (or ``abandon``, when the thread never ran)."""
 
     def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.length = length
         self._fd = os.dup(fd)
         try:
             self.future: Future[None] = _READ_AHEAD.submit(
