@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 
-from cachenode import correlation
+from cachenode import correlation, sendfile
 from cachenode.authz import Authorizer
 from cachenode.catalog import Entry
 from cachenode.errors import (
@@ -523,13 +523,7 @@ async def _sendfile(request: web.Request, fobj: IO[bytes], offset: int, count: i
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the caller went away")
-    sent = await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
-    if sent < count:
-        # The file ended early (cut short behind the sidecar's back after it was opened): the
-        # caller must see a broken body, not wait for bytes that will never come.
-        log.error("blob %s ended after %d of %d bytes: connection cut", fobj.name, sent, count)
-        transport.abort()
-        raise ConnectionResetError("the blob ended early")
+    await sendfile.send(transport, fobj, offset, count)
 
 
 async def _read_small(fobj: IO[bytes], start: int, end: int) -> bytes | None:

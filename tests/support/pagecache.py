@@ -18,23 +18,26 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _FAILED = ctypes.c_void_p(-1).value
 
 
-def resident(path: Path) -> int:
-    """Bytes of ``path`` in the page cache, in whole pages."""
+def resident(path: Path, offset: int = 0, length: int | None = None) -> int:
+    """Bytes of ``path`` in the page cache, in whole pages: all of it, or the pages of
+    [offset, offset + length)."""
     size = path.stat().st_size
-    if size == 0:
+    start = offset - offset % mmap.PAGESIZE
+    length = (size - offset if length is None else length) + offset - start
+    if length <= 0:
         return 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
         if addr == _FAILED:
             raise OSError(ctypes.get_errno(), "mmap failed")
         try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
             vec = ctypes.create_string_buffer(pages)
-            if _libc.mincore(addr, size, vec) != 0:
+            if _libc.mincore(addr, length, vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed")
             return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
         finally:
-            _libc.munmap(addr, size)
+            _libc.munmap(addr, length)
     finally:
         os.close(fd)
