@@ -49,7 +49,12 @@ class Ahead:
 
     def keep(self, view: memoryview, offset: int) -> bool:
         """Hold ``view``; False (nothing held) when it is not immutable or over the budget."""
-        if not isinstance(view.obj, bytes) or self.held + pinned(view) > self.limit:
+        if (
+            not isinstance(view.obj, bytes)
+            or not view
+            or offset in self._chunks
+            or self.held + pinned(view) > self.limit
+        ):
             return False
         self._chunks[offset] = view
         self.held += pinned(view)
@@ -85,10 +90,12 @@ class Sink:
         ahead: int = 0,
     ) -> None:
         """``direct``: an O_DIRECT descriptor on the same file and the file's size. ``ahead``:
-        the bytes put ahead of the hashed prefix that may be held in memory (``Fetch.ahead``);
-        readers are sent as much again from memory once the prefix reaches them."""
+        the bytes put ahead of the hashed prefix that may be held in memory
+        (``fetch.ahead_budget``). What is held ahead and what ``recent`` keeps for readers
+        share one budget: LIMIT + ``ahead`` in all."""
         self.fd = fd
-        self.recent = Recent(LIMIT + ahead)
+        self._room = LIMIT + ahead  # what ``recent`` and ``_ahead`` hold together, at most
+        self.recent = Recent(self._room)
         self._ahead = Ahead(ahead)
         self._direct_fd = direct[0] if direct else None
         self._runs = Runs(direct[1]) if direct else None
@@ -111,7 +118,7 @@ class Sink:
         self._check()
         view = memoryview(data)
         prefix = offset == self._hashed_to
-        held = prefix or (offset > self._hashed_to and self._ahead.keep(view, offset))
+        held = prefix or (offset > self._hashed_to and self._hold(view, offset))
         if self._runs is not None and not self._direct_refused and held:
             for write in self._runs.put(view, offset):
                 self._submit(write)
@@ -128,6 +135,19 @@ class Sink:
             self._settle()
         self._check()
 
+    @property
+    def held(self) -> int:
+        """Bytes of chunks held in memory: kept for readers, and ahead of the hashed prefix."""
+        return self.recent.held + self._ahead.held
+
+    def _hold(self, view: memoryview, offset: int) -> bool:
+        """Hold a chunk ahead of the hashed prefix, if the budget allows; ``recent`` gives up
+        as much (one budget for both)."""
+        if not self._ahead.keep(view, offset):
+            return False
+        self.recent.resize(self._room - self._ahead.held)
+        return True
+
     def _hash(self, view: memoryview, offset: int) -> None:
         """Hash ``view``, which continues the hashed prefix; readers may be sent it from memory."""
         self.recent.keep(view, offset)
@@ -140,6 +160,7 @@ class Sink:
         memory as they are, other bytes read back from the file once written."""
         while True:
             if (held := self._ahead.pop(self._hashed_to)) is not None:
+                self.recent.resize(self._room - self._ahead.held)
                 self._hash(held, self._hashed_to)
                 continue
             first = self._ahead.first()
