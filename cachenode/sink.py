@@ -213,8 +213,12 @@ class Sink:
         loop = asyncio.get_running_loop()
         put = self._write_direct if write.direct else partial(self._write, self.fd)
         job = loop.run_in_executor(self._writer, put, write.view, write.offset)
-        job.add_done_callback(partial(self._wrote, write))
-        self._jobs.append(job)
+        # What ``drain`` and ``_settle`` wait for: done once the write's landing is recorded. A
+        # job's callback runs an iteration after the job is done, and a drain that returned in
+        # between would leave bytes on disk that never landed (nor were read back for the hash).
+        landing: asyncio.Future[None] = loop.create_future()
+        job.add_done_callback(partial(self._wrote, write, landing))
+        self._jobs.append(landing)
 
     async def drain(self) -> None:
         """Wait until every byte put so far is written and hashed; raise what failed."""
@@ -229,8 +233,21 @@ class Sink:
     def hexdigest(self) -> str:
         return str(self.hasher.hexdigest())
 
-    def _wrote(self, write: Write, future: asyncio.Future[None]) -> None:
-        if future.cancelled() or self._error is not None:
+    def _wrote(
+        self, write: Write, landing: asyncio.Future[None], job: asyncio.Future[None]
+    ) -> None:
+        if job.cancelled():
+            landing.cancel()
+            return
+        try:
+            self._land(write, job)
+        except Exception as exc:  # the journal's record, a reader's wake-up: the fill fails
+            landing.set_exception(exc)
+        else:
+            landing.set_result(None)
+
+    def _land(self, write: Write, future: asyncio.Future[None]) -> None:
+        if self._error is not None:
             return
         if self._runs is not None:
             self._runs.release(write)

@@ -128,6 +128,19 @@ def test_pieces_ahead_are_hashed_from_memory_within_the_budget(
         (tmp_path / "blob").unlink()
 
 
+def test_a_drain_returns_only_once_every_write_has_landed(tmp_path: Path) -> None:
+    """A write's job is done an iteration of the loop before its landing is recorded. A sink
+    that let go of finished jobs before that could end its drain with bytes on disk that never
+    landed, and so never read back for the hash (an integrity failure of good bytes). Timing
+    decides when that happens: the code before failed within a few dozen of these runs."""
+    chunks = [os.urandom(64 << 10) for _ in range(8)]
+    for _ in range(300):
+        landed, digest, on_disk = run_sink(tmp_path, chunks, order=[1, 2, 3, 4, 5, 6, 7, 0])
+        assert landed[-1] == len(on_disk) == 8 * (64 << 10)  # run_sink checks sink.landed too
+        assert digest == hashlib.sha512(on_disk).hexdigest()
+        (tmp_path / "blob").unlink()
+
+
 def test_what_is_held_for_readers_and_ahead_shares_one_budget(tmp_path: Path) -> None:
     """Chunks kept for readers (``recent``) and pieces held ahead of the hashed prefix never
     hold more than LIMIT + ahead together, whatever the order; the hash is still right."""
