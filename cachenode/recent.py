@@ -8,8 +8,9 @@ than ``LIMIT`` (a slow link, one that joined late) is sent the file with sendfil
 
 A chunk is kept once the fill's hash reaches it: as it arrives for one stream; for a parallel
 fill, a piece held ahead of the hashed prefix (``cachenode.sink.Ahead``) is kept when the prefix
-reaches it, and the limit grows by that fill's ahead budget, since a caller is then sent the
-whole run of pieces the prefix just passed.
+reaches it, since a caller is then sent the whole run of pieces the prefix just passed. The two
+share one budget, LIMIT plus the fill's ahead budget (``Sink``): what the pieces ahead hold, this
+gives up, oldest first.
 
 Only immutable chunks are kept: the bytes sent are exactly the bytes written and hashed.
 """
@@ -37,6 +38,14 @@ class Recent:
         self._chunks[offset] = view
         self._order.append(offset)
         self.held += pinned(view)
+        self._trim()
+
+    def resize(self, limit: int) -> None:
+        """Hold ``limit`` bytes at most from now on (the oldest let go first)."""
+        self.limit = limit
+        self._trim()
+
+    def _trim(self) -> None:
         while self.held > self.limit:
             self.held -= pinned(self._chunks.pop(self._order.popleft()))
 

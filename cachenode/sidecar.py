@@ -72,6 +72,10 @@ class Sidecar:
         # Then the listening sockets: one systemd should not have passed, or a port in use, stops
         # the start before anything is opened. From here connections wait in the backlog.
         wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
+        if (
+            self.stop_requested.is_set()
+        ):  # never take a running sidecar's sockets only to close them
+            raise StartAbandoned("the listening sockets")
         socks, origin = await asyncio.to_thread(self._sockets, wanted)
         if cfg.handover_path is not None:  # the cache is one process's (cachenode.handover)
             self._cache_lock = await self._lock_cache(socks)
@@ -237,23 +241,29 @@ class Sidecar:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        """Stop serving and close the cache. The cache's lock is let go however the stop ends: a
+        sidecar that handed its sockets over waits for its SIGTERM after this (cachenode.cli),
+        and its successor waits for the lock for as long as it is held."""
         self.ready = False
-        if self._giver is not None:
-            await self._giver.close()
-        if self._janitor_task is not None:
-            self._janitor_task.cancel()
-        if self.listener is not None:
-            await asyncio.to_thread(self.listener.stop)
-        await self._stop_accepting()
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        await self.fills.close()
-        await self.tiers.close()
-        if self._pools is not None:
-            await self._pools.close()
-        await self.local.stop()
-        if self._cache_lock is not None:
-            os.close(self._cache_lock)  # the next sidecar may open the cache now
+        try:
+            if self._giver is not None:
+                await self._giver.close()
+            if self._janitor_task is not None:
+                self._janitor_task.cancel()
+            if self.listener is not None:
+                await asyncio.to_thread(self.listener.stop)
+            await self._stop_accepting()
+            for runner in reversed(self._runners):
+                await runner.cleanup()
+            await self.fills.close()
+            await self.tiers.close()
+            if self._pools is not None:
+                await self._pools.close()
+            await self.local.stop()
+        finally:
+            if self._cache_lock is not None:
+                os.close(self._cache_lock)  # the next sidecar may open the cache now
+                self._cache_lock = None
 
 
 def _awaiting_first_request(conn: object) -> bool:

@@ -49,7 +49,12 @@ class Ahead:
 
     def keep(self, view: memoryview, offset: int) -> bool:
         """Hold ``view``; False (nothing held) when it is not immutable or over the budget."""
-        if not isinstance(view.obj, bytes) or self.held + pinned(view) > self.limit:
+        if (
+            not isinstance(view.obj, bytes)
+            or not view
+            or offset in self._chunks
+            or self.held + pinned(view) > self.limit
+        ):
             return False
         self._chunks[offset] = view
         self.held += pinned(view)
@@ -85,10 +90,12 @@ class Sink:
         ahead: int = 0,
     ) -> None:
         """``direct``: an O_DIRECT descriptor on the same file and the file's size. ``ahead``:
-        the bytes put ahead of the hashed prefix that may be held in memory (``Fetch.ahead``);
-        readers are sent as much again from memory once the prefix reaches them."""
+        the bytes put ahead of the hashed prefix that may be held in memory
+        (``fetch.ahead_budget``). What is held ahead and what ``recent`` keeps for readers
+        share one budget: LIMIT + ``ahead`` in all."""
         self.fd = fd
-        self.recent = Recent(LIMIT + ahead)
+        self._room = LIMIT + ahead  # what ``recent`` and ``_ahead`` hold together, at most
+        self.recent = Recent(self._room)
         self._ahead = Ahead(ahead)
         self._direct_fd = direct[0] if direct else None
         self._runs = Runs(direct[1]) if direct else None
@@ -111,7 +118,7 @@ class Sink:
         self._check()
         view = memoryview(data)
         prefix = offset == self._hashed_to
-        held = prefix or (offset > self._hashed_to and self._ahead.keep(view, offset))
+        held = prefix or (offset > self._hashed_to and self._hold(view, offset))
         if self._runs is not None and not self._direct_refused and held:
             for write in self._runs.put(view, offset):
                 self._submit(write)
@@ -128,6 +135,19 @@ class Sink:
             self._settle()
         self._check()
 
+    @property
+    def held(self) -> int:
+        """Bytes of chunks held in memory: kept for readers, and ahead of the hashed prefix."""
+        return self.recent.held + self._ahead.held
+
+    def _hold(self, view: memoryview, offset: int) -> bool:
+        """Hold a chunk ahead of the hashed prefix, if the budget allows; ``recent`` gives up
+        as much (one budget for both)."""
+        if not self._ahead.keep(view, offset):
+            return False
+        self.recent.resize(self._room - self._ahead.held)
+        return True
+
     def _hash(self, view: memoryview, offset: int) -> None:
         """Hash ``view``, which continues the hashed prefix; readers may be sent it from memory."""
         self.recent.keep(view, offset)
@@ -140,6 +160,7 @@ class Sink:
         memory as they are, other bytes read back from the file once written."""
         while True:
             if (held := self._ahead.pop(self._hashed_to)) is not None:
+                self.recent.resize(self._room - self._ahead.held)
                 self._hash(held, self._hashed_to)
                 continue
             first = self._ahead.first()
@@ -192,8 +213,12 @@ class Sink:
         loop = asyncio.get_running_loop()
         put = self._write_direct if write.direct else partial(self._write, self.fd)
         job = loop.run_in_executor(self._writer, put, write.view, write.offset)
-        job.add_done_callback(partial(self._wrote, write))
-        self._jobs.append(job)
+        # What ``drain`` and ``_settle`` wait for: done once the write's landing is recorded. A
+        # job's callback runs an iteration after the job is done, and a drain that returned in
+        # between would leave bytes on disk that never landed (nor were read back for the hash).
+        landing: asyncio.Future[None] = loop.create_future()
+        job.add_done_callback(partial(self._wrote, write, landing))
+        self._jobs.append(landing)
 
     async def drain(self) -> None:
         """Wait until every byte put so far is written and hashed; raise what failed."""
@@ -208,8 +233,21 @@ class Sink:
     def hexdigest(self) -> str:
         return str(self.hasher.hexdigest())
 
-    def _wrote(self, write: Write, future: asyncio.Future[None]) -> None:
-        if future.cancelled() or self._error is not None:
+    def _wrote(
+        self, write: Write, landing: asyncio.Future[None], job: asyncio.Future[None]
+    ) -> None:
+        if job.cancelled():
+            landing.cancel()
+            return
+        try:
+            self._land(write, job)
+        except Exception as exc:  # the journal's record, a reader's wake-up: the fill fails
+            landing.set_exception(exc)
+        else:
+            landing.set_result(None)
+
+    def _land(self, write: Write, future: asyncio.Future[None]) -> None:
+        if self._error is not None:
             return
         if self._runs is not None:
             self._runs.release(write)

@@ -319,3 +319,71 @@ def test_a_path_the_giver_cannot_listen_on_costs_only_the_next_handover(
     asyncio.run(scene())
     assert [r.levelname for r in caplog.records] == ["ERROR"]
     assert f"cannot offer the listening sockets at {nowhere}" in caplog.text
+
+
+def sidecar_config(tmp_path: Path, path: Path, data: socket.socket, admin: socket.socket):  # type: ignore[no-untyped-def]
+    host, port = data.getsockname()
+    ahost, aport = admin.getsockname()
+    return parse_config({
+        "glance": {"url": "http://127.0.0.1:9"},
+        "listen": f"{host}:{port}",
+        "admin": {"listen": f"{ahost}:{aport}"},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "handover": {"path": str(path)},
+    })  # fmt: skip
+
+
+def test_a_stop_asked_for_before_the_sockets_leaves_the_running_sidecar_its_sockets(
+    tmp_path: Path, path: Path
+) -> None:
+    """A start already asked to stop never takes a running sidecar's sockets only to close
+    them: the running one would have stopped accepting, and nobody would serve."""
+    from cachenode.sidecar import Sidecar, StartAbandoned
+
+    data, admin = listening(), listening()
+    giving = Metrics()
+
+    async def scene() -> None:
+        given = asyncio.Event()
+        giver = Giver(path, {"listen": data, "admin.listen": admin}, given.set, giving)
+        await giver.start()
+        car = Sidecar(sidecar_config(tmp_path, path, data, admin))
+        car.stop_requested.set()
+        with pytest.raises(StartAbandoned, match="listening sockets"):
+            await car.start()
+        await giver.close()
+        assert not given.is_set()
+
+    asyncio.run(scene())
+    assert handovers(giving) == {}
+    data.close()
+    admin.close()
+
+
+def test_a_stop_that_fails_still_lets_go_of_the_cache(tmp_path: Path, path: Path) -> None:
+    """A sidecar whose stop fails (a fill's writer cannot close, a catalog error) still lets go
+    of the cache: after a handover it then only waits for its SIGTERM, and its successor waits
+    for the lock for as long as it is held."""
+    from cachenode.errors import StoreError
+    from cachenode.sidecar import Sidecar
+
+    data, admin = listening(), listening()
+
+    class FailingFills:
+        async def close(self) -> None:
+            raise StoreError("partial: Input/output error")
+
+    async def never(seconds: float) -> None:
+        raise AssertionError("the lock is still held")
+
+    async def scene() -> None:
+        car = Sidecar(sidecar_config(tmp_path, path, data, admin))
+        car._cache_lock = await lock_cache(tmp_path / "cache")
+        car.fills = FailingFills()  # type: ignore[assignment]
+        with pytest.raises(StoreError, match="Input/output"):
+            await car.stop()
+        os.close(await lock_cache(tmp_path / "cache", sleep=never))
+
+    asyncio.run(scene())
+    data.close()
+    admin.close()

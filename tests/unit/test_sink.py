@@ -16,7 +16,8 @@ import pytest
 from cachenode.blobs import BlobStore
 from cachenode.direct import open_direct
 from cachenode.errors import StoreError
-from cachenode.sink import Sink
+from cachenode.recent import LIMIT
+from cachenode.sink import Ahead, Sink
 
 
 def run_sink(
@@ -125,6 +126,61 @@ def test_pieces_ahead_are_hashed_from_memory_within_the_budget(
         assert sum(read_back) == over, budget
         read_back.clear()
         (tmp_path / "blob").unlink()
+
+
+def test_a_drain_returns_only_once_every_write_has_landed(tmp_path: Path) -> None:
+    """A write's job is done an iteration of the loop before its landing is recorded. A sink
+    that let go of finished jobs before that could end its drain with bytes on disk that never
+    landed, and so never read back for the hash (an integrity failure of good bytes). Timing
+    decides when that happens: the code before failed within a few dozen of these runs."""
+    chunks = [os.urandom(64 << 10) for _ in range(8)]
+    for _ in range(300):
+        landed, digest, on_disk = run_sink(tmp_path, chunks, order=[1, 2, 3, 4, 5, 6, 7, 0])
+        assert landed[-1] == len(on_disk) == 8 * (64 << 10)  # run_sink checks sink.landed too
+        assert digest == hashlib.sha512(on_disk).hexdigest()
+        (tmp_path / "blob").unlink()
+
+
+def test_what_is_held_for_readers_and_ahead_shares_one_budget(tmp_path: Path) -> None:
+    """Chunks kept for readers (``recent``) and pieces held ahead of the hashed prefix never
+    hold more than LIMIT + ahead together, whatever the order; the hash is still right."""
+    ahead = 8 << 20
+    chunks = [os.urandom(1 << 20) for _ in range(40)]
+    # 20 MiB in order (kept for readers), then 12 MiB ahead (8 held), then the gap.
+    order = list(range(20)) + list(range(28, 40)) + list(range(20, 28))
+    offsets = list(accumulate([0] + [len(c) for c in chunks]))
+    peaks: list[int] = []
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT)
+
+    async def main() -> str:
+        sink = Sink(fd, "sha512", BlobStore.write, lambda landed: None, ahead=ahead)
+        try:
+            for i in order:
+                await sink.put(chunks[i], offsets[i])
+                peaks.append(sink.held)
+            await sink.drain()
+            return sink.hexdigest()
+        finally:
+            await sink.aclose()
+
+    try:
+        digest = asyncio.run(main())
+    finally:
+        os.close(fd)
+    assert digest == hashlib.sha512(b"".join(chunks)).hexdigest()
+    assert max(peaks) == LIMIT + ahead  # full, never over: two budgets held 28 MiB here
+    assert peaks[19] == 20 << 20 and peaks[27] == LIMIT + ahead
+
+
+def test_a_chunk_ahead_is_held_once_and_never_empty() -> None:
+    held = Ahead(4 << 20)
+    chunk = memoryview(os.urandom(1 << 20))
+    assert not held.keep(chunk[:0], 1 << 20)  # nothing to hold, nothing counted
+    assert held.keep(chunk, 1 << 20)
+    assert not held.keep(chunk, 1 << 20)  # the same offset twice: counted once
+    assert not held.keep(memoryview(bytearray(10)), 5 << 20)  # a buffer someone may reuse
+    assert held.held == 1 << 20
+    assert held.pop(1 << 20) is chunk and held.held == 0
 
 
 def test_a_failed_write_stops_the_sink_and_lands_nothing_after_it(tmp_path: Path) -> None:
