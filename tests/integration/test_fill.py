@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 import requests
 
-from cachenode import direct
 from tests.support.clients import Caller, run_all, start, wait_for
 from tests.support.glance import ALICE, Glance
-from tests.support.pagecache import resident
+from tests.support.pagecache import resident, skip_unless_direct
 from tests.support.sidecar import Sidecar
 from tests.support.upstream import Fault, Upstream
 
@@ -170,12 +168,7 @@ def test_a_fill_leaves_its_bytes_out_of_the_page_cache(glance: Glance, sidecar_f
     with Upstream(blobs={image.id: image.data}) as origin:
         car = sidecar_factory(tiers=[{"name": "origin", "kind": "http", "url": origin.url}])
         car.start()
-        probe = car.cache_dir / "direct-probe"
-        probe.touch()
-        fd = direct.open_direct(probe)
-        if fd is None:
-            pytest.skip(f"{car.cache_dir} does not take O_DIRECT")
-        os.close(fd)
+        skip_unless_direct(car.cache_dir)
         got = car.get(image.id, ALICE)
         assert got.status_code == 200 and got.content == image.data
         assert got.headers["X-Cachenode-Status"] == "MISS"

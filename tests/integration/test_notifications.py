@@ -24,16 +24,23 @@ from tests.support.upstream import Fault, Upstream
 MiB = 1 << 20
 
 
-@pytest.fixture
-def listening(sidecar_factory, rabbit: Rabbit, glance_notifying: Glance, tmp_path: Path) -> Sidecar:  # type: ignore[no-untyped-def]
-    """A sidecar before ``glance_notifying``, remembering decisions for 10 minutes, listening."""
+def start_listening(sidecar_factory, rabbit: Rabbit, glance: Glance, tmp_path: Path,
+                    **config: object) -> Sidecar:  # type: ignore[no-untyped-def]  # fmt: skip
+    """A sidecar before ``glance`` (with ``config``), once it listens to Glance's notifications."""
     car: Sidecar = sidecar_factory(
-        glance_url=glance_notifying.url,
-        authz={"ttl": "10m"},
+        glance_url=glance.url,
         notifications={"transport_url_file": str(rabbit.url_file(tmp_path))},
+        **config,
     ).start()
     wait_for(lambda: car.metric("cachenode_notifications_connected") == 1, timeout=20)
     return car
+
+
+@pytest.fixture
+def listening(sidecar_factory, rabbit: Rabbit, glance_notifying: Glance, tmp_path: Path) -> Sidecar:  # type: ignore[no-untyped-def]
+    """A sidecar before ``glance_notifying``, remembering decisions for 10 minutes, listening."""
+    return start_listening(sidecar_factory, rabbit, glance_notifying, tmp_path,
+                           authz={"ttl": "10m"})  # fmt: skip
 
 
 def cached_and_remembered(glance: Glance, car: Sidecar, token: str = ALICE) -> Image:
@@ -109,13 +116,11 @@ def test_warm_on_upload(
     policy = tmp_path / "golden.yaml"
     policy.write_text("min_free_disk: 0\nwarm: {tags: [golden], interval: 10m, jitter: 1s}\n")
     (tmp_path / "service.token").write_text(ADMIN)
-    car: Sidecar = sidecar_factory(
-        glance_url=glance_notifying.url,
+    car = start_listening(
+        sidecar_factory, rabbit, glance_notifying, tmp_path,
         cache={"policy": str(policy)},
         service_auth={"token_file": str(tmp_path / "service.token")},
-        notifications={"transport_url_file": str(rabbit.url_file(tmp_path))},
-    ).start()
-    wait_for(lambda: car.metric("cachenode_notifications_connected") == 1, timeout=20)
+    )  # fmt: skip
     wait_for(lambda: "warm: 0 images selected" in car.log())  # the start's warm saw none
     plain = glance_notifying.create_image(1 * MiB)
     golden = glance_notifying.create_image(1 * MiB, tags=["golden"])
@@ -136,13 +141,10 @@ def test_a_fill_of_a_deleted_image_stops_and_commits_nothing(
     image = glance.create_image(4 * MiB)
     hold = Fault("hold", at=2 * MiB, seconds=30)
     with Upstream(target=glance.url, faults=[hold]) as l2:
-        car: Sidecar = sidecar_factory(
-            glance_url=glance.url,
-            authz={"ttl": "10m"},
-            notifications={"transport_url_file": str(rabbit.url_file(tmp_path))},
-            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
-        ).start()
-        wait_for(lambda: car.metric("cachenode_notifications_connected") == 1, timeout=20)
+        car = start_listening(
+            sidecar_factory, rabbit, glance, tmp_path,
+            authz={"ttl": "10m"}, tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        )  # fmt: skip
         received: list[bytes] = []
         broken: list[Exception] = []
 
@@ -189,13 +191,10 @@ def test_a_caller_waiting_on_a_fill_of_a_deleted_image_gets_glances_answer(
     image = glance.create_image(1 * MiB)
     hold = Fault("hold", at=0, seconds=30)
     with Upstream(target=glance.url, faults=[hold]) as l2:
-        car: Sidecar = sidecar_factory(
-            glance_url=glance.url,
-            authz={"ttl": "10m"},
-            notifications={"transport_url_file": str(rabbit.url_file(tmp_path))},
-            tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
-        ).start()
-        wait_for(lambda: car.metric("cachenode_notifications_connected") == 1, timeout=20)
+        car = start_listening(
+            sidecar_factory, rabbit, glance, tmp_path,
+            authz={"ttl": "10m"}, tiers=[{"name": "regional", "kind": "glance", "url": l2.url}],
+        )  # fmt: skip
         answers: list[requests.Response] = []
         waiting = threading.Thread(target=lambda: answers.append(car.get(image.id, ALICE)))
         waiting.start()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from itertools import pairwise
 
-import pytest
-
-from cachenode import direct
 from tests.support.clients import Caller, run_all
 from tests.support.glance import ALICE, Glance
-from tests.support.pagecache import resident
+from tests.support.pagecache import resident, skip_unless_direct
 from tests.support.upstream import Fault, Upstream
 
 MiB = 1 << 20
@@ -129,12 +125,7 @@ def test_parallel_pieces_are_hashed_from_memory_and_leave_the_page_cache(
     throttle = Fault("throttle", rate=16 * MiB, times=-1)  # per connection: the pieces interleave
     with Upstream(blobs={image.id: image.data}, faults=[throttle]) as origin:
         car = sidecar_factory(tiers=[mirror(origin.url)]).start()
-        probe = car.cache_dir / "direct-probe"
-        probe.touch()
-        fd = direct.open_direct(probe)
-        if fd is None:
-            pytest.skip(f"{car.cache_dir} does not take O_DIRECT")
-        os.close(fd)
+        skip_unless_direct(car.cache_dir)
         got = car.get(image.id, ALICE)
         assert got.status_code == 200 and got.content == image.data
         assert len(ranges_asked(origin, image.id)) == 16  # 1 MiB pieces, four at a time

@@ -9,6 +9,10 @@ import mmap
 import os
 from pathlib import Path
 
+import pytest
+
+from cachenode import direct
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -41,3 +45,14 @@ def resident(path: Path, offset: int = 0, length: int | None = None) -> int:
             _libc.munmap(addr, length)
     finally:
         os.close(fd)
+
+
+def skip_unless_direct(directory: Path) -> None:
+    """Skip the test where ``directory``'s filesystem refuses O_DIRECT (tmpfs): fills there go
+    through the page cache, as they should."""
+    probe = directory / "direct-probe"
+    probe.touch()
+    fd = direct.open_direct(probe)
+    if fd is None:
+        pytest.skip(f"{directory} does not take O_DIRECT")
+    os.close(fd)

@@ -110,6 +110,26 @@ class Sidecar:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def sigterm(self) -> float:
+        """Send SIGTERM; the seconds until the process exited with status 0 (10 s at most)."""
+        assert self.proc is not None
+        asked = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(10) == 0
+        return time.monotonic() - asked
+
+    def stopped_before_serving(self, waiting_for: str) -> str:
+        """Check the log of a start stopped while it waited: one line, naming what it waited
+        for, and no traceback. The log."""
+        log = self.log()
+        said = [line for line in log.splitlines() if "stopping" in line]
+        assert len(said) == 1, log
+        assert said[0].endswith(
+            f"stopping before serving: asked to stop while waiting for {waiting_for}"
+        ), said[0]
+        assert "Traceback" not in log
+        return log
+
     # -- what it exposes
     def get(
         self, image_id: str, token: str | None, settle: bool = True, **kw: Any

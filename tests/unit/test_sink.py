@@ -27,11 +27,12 @@ def run_sink(
     order: list[int] | None = None,
     direct: bool = False,
     ahead: int = 0,
+    after_put=lambda sink: None,
 ) -> tuple[list[int], str, bytes]:  # type: ignore[no-untyped-def]
     """Put ``chunks`` (in ``order`` of their indexes, default in order); what landed, the hash.
 
     ``direct``: through an O_DIRECT descriptor too, each chunk a run of its own (skipped where
-    the filesystem refuses O_DIRECT)."""
+    the filesystem refuses O_DIRECT). ``after_put(sink)`` is called after each put."""
     path = tmp_path / "blob"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     landed: list[int] = []
@@ -49,6 +50,7 @@ def run_sink(
             for i in order or range(len(chunks)):
                 await sink.put(chunks[i], offsets[i])
                 sink.end(offsets[i + 1])
+                after_put(sink)
             await sink.drain()
             assert sink.landed == offsets[-1]
             return sink.hexdigest()
@@ -148,26 +150,11 @@ def test_what_is_held_for_readers_and_ahead_shares_one_budget(tmp_path: Path) ->
     chunks = [os.urandom(1 << 20) for _ in range(40)]
     # 20 MiB in order (kept for readers), then 12 MiB ahead (8 held), then the gap.
     order = list(range(20)) + list(range(28, 40)) + list(range(20, 28))
-    offsets = list(accumulate([0] + [len(c) for c in chunks]))
     peaks: list[int] = []
-    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT)
-
-    async def main() -> str:
-        sink = Sink(fd, "sha512", BlobStore.write, lambda landed: None, ahead=ahead)
-        try:
-            for i in order:
-                await sink.put(chunks[i], offsets[i])
-                peaks.append(sink.held)
-            await sink.drain()
-            return sink.hexdigest()
-        finally:
-            await sink.aclose()
-
-    try:
-        digest = asyncio.run(main())
-    finally:
-        os.close(fd)
-    assert digest == hashlib.sha512(b"".join(chunks)).hexdigest()
+    _, digest, on_disk = run_sink(tmp_path, chunks, order=order, ahead=ahead,
+                                  after_put=lambda sink: peaks.append(sink.held))  # fmt: skip
+    assert on_disk == b"".join(chunks)
+    assert digest == hashlib.sha512(on_disk).hexdigest()
     assert max(peaks) == LIMIT + ahead  # full, never over: two budgets held 28 MiB here
     assert peaks[19] == 20 << 20 and peaks[27] == LIMIT + ahead
 
