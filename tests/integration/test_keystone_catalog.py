@@ -42,6 +42,16 @@ def service_auth(bed: KeystoneBed, tmp_path: Path, **extra: str) -> dict[str, st
     return {**bed.service_auth_password(tmp_path / "secrets"), **extra}
 
 
+def from_region(sidecar_factory, bed: KeystoneBed, tmp_path: Path, name: str,
+                catalog_timeout: str) -> Sidecar:  # type: ignore[no-untyped-def]  # fmt: skip
+    """A sidecar (not started) that learns Glance's endpoint from the catalog of region ``name``."""
+    sidecar: Sidecar = sidecar_factory(
+        from_catalog=True, glance={"catalog_timeout": catalog_timeout},
+        service_auth=service_auth(bed, tmp_path, region_name=name),
+    )  # fmt: skip
+    return sidecar
+
+
 def test_without_glance_url_the_catalog_names_glance(
     keystone_bed: KeystoneBed, sidecar_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -135,10 +145,7 @@ def test_a_region_without_an_image_endpoint_stops_the_start_with_one_line(
 ) -> None:  # type: ignore[no-untyped-def]
     bed = keystone_bed
     with region(bed) as name:  # a region, with no endpoint of its own
-        sidecar: Sidecar = sidecar_factory(
-            from_catalog=True, glance={"catalog_timeout": "3s"},
-            service_auth=service_auth(bed, tmp_path, region_name=name),
-        )  # fmt: skip
+        sidecar = from_region(sidecar_factory, bed, tmp_path, name, "3s")
         code, took, log = stopped(sidecar, within=60)
     assert code == 1
     assert 3 <= took < 20  # asked again for 3 s (1 s, then 2 s apart), then gave up
@@ -160,10 +167,7 @@ def test_an_endpoint_url_with_a_password_is_refused_at_once(
     bed = keystone_bed
     host = bed.glance.url.removeprefix("http://")
     with region(bed, internal=f"http://glance:hunter2@{host}") as name:
-        sidecar: Sidecar = sidecar_factory(
-            from_catalog=True, glance={"catalog_timeout": "60s"},
-            service_auth=service_auth(bed, tmp_path, region_name=name),
-        )  # fmt: skip
+        sidecar = from_region(sidecar_factory, bed, tmp_path, name, "60s")
         code, took, log = stopped(sidecar, within=60)
     assert code == 1 and took < 20  # not asked again: the catalog's answer will not change
     assert "Traceback" not in log and "hunter2" not in log
@@ -183,10 +187,7 @@ def test_a_sigterm_while_asking_the_catalog_stops_at_once(
     meanwhile stops at once, as a stopped sidecar: exit 0, one line on what it waited for."""
     bed = keystone_bed
     with region(bed) as name:  # a region, with no endpoint of its own
-        sidecar: Sidecar = sidecar_factory(
-            from_catalog=True, glance={"catalog_timeout": "60s"},
-            service_auth=service_auth(bed, tmp_path, region_name=name),
-        )  # fmt: skip
+        sidecar = from_region(sidecar_factory, bed, tmp_path, name, "60s")
         sidecar.start(ready=False)
         assert sidecar.proc is not None
         deadline = time.monotonic() + 30
