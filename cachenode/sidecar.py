@@ -72,9 +72,8 @@ class Sidecar:
         # Then the listening sockets: one systemd should not have passed, or a port in use, stops
         # the start before anything is opened. From here connections wait in the backlog.
         wanted = {"listen": cfg.listen, "admin.listen": cfg.admin_listen}
-        if (
-            self.stop_requested.is_set()
-        ):  # never take a running sidecar's sockets only to close them
+        # A start already asked to stop never takes a running sidecar's sockets to close them.
+        if self.stop_requested.is_set():
             raise StartAbandoned("the listening sockets")
         socks, origin = await asyncio.to_thread(self._sockets, wanted)
         if cfg.handover_path is not None:  # the cache is one process's (cachenode.handover)
