@@ -195,7 +195,7 @@ def test_a_sigterm_while_asking_the_catalog_stops_at_once(
             assert time.monotonic() < deadline, sidecar.log()
             time.sleep(0.01)
         took = sidecar.sigterm()
-    assert took < 1.5, took
+    assert took < 5, took  # the wait it cut short lasts 30 to 60 s
     log = sidecar.stopped_before_serving("Keystone's catalog to name Glance")
     assert " ERROR " not in log
 
@@ -224,5 +224,5 @@ def test_a_sigterm_while_keystone_says_nothing_stops_at_once(
         conn, _ = silent.accept()  # the first attempt is on its way, and gets no answer
         with conn:
             took = sidecar.sigterm()
-    assert took < 1.5, took
+    assert took < 5, took  # the wait it cut short lasts 30 to 60 s
     sidecar.stopped_before_serving("Keystone's catalog to name Glance")

@@ -233,12 +233,14 @@ def handovers(car: Sidecar) -> dict[tuple[str, str], float]:
     return {key: value for key, value in found.items() if value}
 
 
-def holds_listener(pid: int, port: int) -> bool:
-    """Whether process ``pid`` has a descriptor on the socket listening on 127.0.0.1:``port``."""
+def holds_socket(pid: int, port: int, peer: int = 0) -> bool:
+    """Whether process ``pid`` has a descriptor on the socket listening on 127.0.0.1:``port``,
+    or (``peer``) on the connection it accepted there from 127.0.0.1:``peer``."""
     with open("/proc/net/tcp") as table:
         rows = [line.split() for line in table.readlines()[1:]]
-    wanted = f"0100007F:{port:04X}"
-    return holds(pid, {int(r[9]) for r in rows if r[1] == wanted and r[3] == "0A"})
+    local, remote = f"0100007F:{port:04X}", f"{'0100007F' if peer else '00000000'}:{peer:04X}"
+    state = "01" if peer else "0A"  # established, listening
+    return holds(pid, {int(r[9]) for r in rows if r[1:4] == [local, remote, state]})
 
 
 def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
@@ -273,7 +275,7 @@ def test_a_successor_takes_the_sockets_mid_herd_and_loses_no_caller(
         assert a.proc is not None
         b.start(ready=False)
         until(lambda: "handed the listening sockets over" in a.log(), "A handed over")
-        until(lambda: not holds_listener(a.proc.pid, a.port), "A stopped accepting")
+        until(lambda: not holds_socket(a.proc.pid, a.port), "A stopped accepting")
         assert "took the listening sockets of the running sidecar" in b.log()
         assert a.proc.poll() is None  # draining: its streams wait on the held fill
         late = [connect_and_ask(a.port, image.id) for _ in range(LATE)]  # nobody accepts yet
@@ -340,10 +342,11 @@ def test_a_connection_accepted_before_a_stop_is_answered(glance: Glance, sidecar
     car = sidecar_factory().start()
     assert car.get(image.id, ALICE).status_code == 200  # cached: the answer needs no tier
     with socket.create_connection(("127.0.0.1", car.port), timeout=30) as conn:
-        time.sleep(0.3)  # accepted by the sidecar's loop, no request sent yet
         assert car.proc is not None
+        peer = conn.getsockname()[1]
+        until(lambda: holds_socket(car.proc.pid, car.port, peer), "accepted, no request sent yet")
         car.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)  # the stop has begun: the listener is closed
+        until(lambda: _refused(car.port), "the stop has begun: the listener is closed")
         reply = http.client.HTTPConnection("127.0.0.1", car.port, timeout=30)
         reply.sock = conn
         reply.request("GET", f"/v2/images/{image.id}/file", headers={"X-Auth-Token": ALICE})
@@ -373,7 +376,7 @@ def test_a_sigterm_while_waiting_for_the_cache_stops_at_once(
                 caller.recv(1)
     finally:
         os.close(lock)
-    assert took < 1.5, took
+    assert took < 5, took  # the wait it cut short lasts 30 to 60 s
     log = car.stopped_before_serving(f"the previous sidecar to close {car.cache_dir}")
     assert "serving on" not in log
     assert _refused(car.port) and _refused(car.admin_port)

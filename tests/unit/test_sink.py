@@ -28,11 +28,14 @@ def run_sink(
     direct: bool = False,
     ahead: int = 0,
     after_put=lambda sink: None,
+    end_each: bool = True,
 ) -> tuple[list[int], str, bytes]:  # type: ignore[no-untyped-def]
     """Put ``chunks`` (in ``order`` of their indexes, default in order); what landed, the hash.
 
-    ``direct``: through an O_DIRECT descriptor too, each chunk a run of its own (skipped where
-    the filesystem refuses O_DIRECT). ``after_put(sink)`` is called after each put."""
+    ``direct``: through an O_DIRECT descriptor too (skipped where the filesystem refuses
+    O_DIRECT); each chunk a run of its own, unless not ``end_each``: then the run ends only at
+    the image's end, and a chunk's unaligned tail is carried into the next one. ``after_put(sink)``
+    is called after each put."""
     path = tmp_path / "blob"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     landed: list[int] = []
@@ -49,7 +52,8 @@ def run_sink(
         try:
             for i in order or range(len(chunks)):
                 await sink.put(chunks[i], offsets[i])
-                sink.end(offsets[i + 1])
+                if end_each:
+                    sink.end(offsets[i + 1])
                 after_put(sink)
             await sink.drain()
             assert sink.landed == offsets[-1]
